@@ -1,0 +1,134 @@
+"""Typed errors for bad input.
+
+Every error about an input names the file (or series) and the reason, so a batch can report it in
+one manifest row and move on. Callers catch `InputError` to skip a scan; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MedgenError(Exception):
+    """Base of every error medgen raises on purpose."""
+
+
+class InputError(MedgenError):
+    """A scan that cannot become a trustworthy volume. `path` names it, `reason` says why."""
+
+    code = "invalid_input"
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # picklable across worker processes despite the two-argument __init__
+        return (type(self), (self.path, self.reason))
+
+
+def error_class(code: str) -> type[InputError]:
+    """The InputError subclass with this `code` (to rebuild a cached error without re-reading)."""
+    stack: list[type[InputError]] = [InputError]
+    while stack:
+        cls = stack.pop()
+        if cls.code == code:
+            return cls
+        stack.extend(cls.__subclasses__())
+    return InputError
+
+
+class UnreadableFileError(InputError):
+    code = "unreadable"
+
+
+class EmptyFileError(InputError):
+    code = "empty_file"
+
+
+class NotDicomError(InputError):
+    code = "not_dicom"
+
+
+class TruncatedFileError(InputError):
+    code = "truncated"
+
+
+class MissingPixelDataError(InputError):
+    code = "missing_pixel_data"
+
+
+class UnsupportedImageError(InputError):
+    """Valid DICOM/NIfTI that medgen does not turn into volumes (colour, non-image SOP classes...)."""
+
+    code = "unsupported"
+
+
+class NotAVolumeError(InputError):
+    """A single 2D image (one slice, or a projection radiograph)."""
+
+    code = "not_3d"
+
+
+class FourDimensionalError(InputError):
+    code = "four_d"
+
+
+class InvalidValuesError(InputError):
+    """NaN or inf voxels."""
+
+    code = "invalid_values"
+
+
+class EmptyVolumeError(InputError):
+    """No information: zero-sized, or every voxel the same value."""
+
+    code = "empty_volume"
+
+
+class GeometryError(InputError):
+    """The slices do not form one regular grid; returning a volume would misplace voxels."""
+
+    code = "geometry"
+
+
+class MissingGeometryError(GeometryError):
+    code = "missing_geometry"
+
+
+class DuplicateSliceError(GeometryError):
+    code = "duplicate_slice"
+
+
+class MissingSliceError(GeometryError):
+    code = "missing_slice"
+
+
+class NonUniformSpacingError(GeometryError):
+    code = "non_uniform_spacing"
+
+
+class MixedOrientationError(GeometryError):
+    code = "mixed_orientation"
+
+
+class MixedImageSizeError(GeometryError):
+    code = "mixed_size"
+
+
+class GantryTiltError(GeometryError):
+    code = "gantry_tilt"
+
+
+class ShearedAffineError(GeometryError):
+    code = "sheared_affine"
+
+
+class AmbiguousSourceError(InputError):
+    """`load_volume` was asked for one volume but the source holds several series."""
+
+    code = "ambiguous"
+
+
+class ManifestError(MedgenError):
+    """A manifest that does not match data_schemas/manifest.schema.json."""

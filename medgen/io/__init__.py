@@ -1,0 +1,1 @@
+"""Reading and writing scans: DICOM (medgen.io.dicom) and NIfTI (medgen.io.nifti)."""
