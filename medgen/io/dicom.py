@@ -457,17 +457,34 @@ def _read_dataset(path: str) -> Any:
 
 
 def _pixels(ds: Any, path: str) -> np.ndarray:
+    ts = ds.file_meta.TransferSyntaxUID
+    if not ts.is_compressed and "PixelData" in ds:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        expected = ds.Rows * ds.Columns * frames * int(ds.get("SamplesPerPixel") or 1) * (ds.BitsAllocated // 8)
+        if len(ds.PixelData) < expected:
+            raise TruncatedFileError(path, f"pixel data is {len(ds.PixelData)} bytes, the header needs {expected} (truncated file)")
     try:
         return ds.pixel_array
     except (ValueError, EOFError) as e:
         msg = str(e)
-        if "too short" in msg or "truncated" in msg.lower() or "end of" in msg or isinstance(e, EOFError):
+        if "too short" in msg or "less than expected" in msg or "truncated" in msg.lower() or isinstance(e, EOFError):
             raise TruncatedFileError(path, f"pixel data shorter than the header says ({msg.splitlines()[0]})") from e
         raise UnsupportedImageError(path, f"pixel data cannot be decoded ({msg.splitlines()[0]})") from e
     except NotImplementedError as e:
         raise UnsupportedImageError(path, f"no decoder for transfer syntax {ds.file_meta.TransferSyntaxUID.name}") from e
     except Exception as e:
         raise UnsupportedImageError(path, f"pixel data cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+def _read_pixels(path: str, where: str) -> tuple[Any, np.ndarray]:
+    """Dataset and stored pixel values of one file; errors name the series and the file."""
+    try:
+        ds = _read_dataset(path)
+        return ds, _pixels(ds, path)
+    except InputError as e:
+        if e.path == where:
+            raise
+        raise type(e)(where, f"{_name(path)}: {e.reason}") from e
 
 
 def _check_image_kind(h: DicomHeader, where: str) -> None:
@@ -519,8 +536,7 @@ def read_series(series: DicomSeries, *, where: str | None = None, localizers: st
     ordered = [headers[i] for i in geom.order]
     data = np.empty((len(ordered), ordered[0].rows, ordered[0].columns), dtype=np.float32)
     for k, h in enumerate(ordered):
-        ds = _read_dataset(h.path)
-        arr = _pixels(ds, h.path)
+        ds, arr = _read_pixels(h.path, where)
         if arr.shape != data.shape[1:]:
             raise MixedImageSizeError(where, f"{_name(h.path)} pixel array is {arr.shape}, header says {data.shape[1:]}")
         data[k] = _rescale(arr, ds)
@@ -544,8 +560,7 @@ def _read_enhanced(series: DicomSeries, where: str) -> Volume:
         )
     labels = [f"{h.path} frame {i + 1}" for i in range(len(h.enhanced_frames))]
     geom = check_stack(h.enhanced_frames, labels, [(h.rows, h.columns)] * len(labels), where)
-    ds = _read_dataset(h.path)
-    arr = _pixels(ds, h.path)
+    ds, arr = _read_pixels(h.path, where)
     if arr.ndim != 3 or arr.shape[0] != len(h.enhanced_frames):
         raise UnsupportedImageError(where, f"pixel array of shape {arr.shape} does not match {len(h.enhanced_frames)} frames")
     data = np.empty(arr.shape, dtype=np.float32)
