@@ -40,14 +40,20 @@ def list_files(paths: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
-def discover(paths: Iterable[str | Path], header_reader: HeaderReader = read_header) -> Found:
+def is_candidate(path: Path) -> bool:
+    """NIfTI by name, DICOM by name or magic; a broken link is a candidate (reported unreadable)."""
+    return is_nifti(path) or not path.exists() or looks_like_dicom(path)
+
+
+def discover(paths: Iterable[str | Path], header_reader: HeaderReader = read_header, files: list[Path] | None = None) -> Found:
+    """Scans under `paths` (or among `files`, when the caller listed them already)."""
     found = Found()
     headers: list[DicomHeader] = []
-    for f in list_files(paths):
+    for f in files if files is not None else list_files(paths):
         if is_nifti(f):
             found.nifti.append(f)
             continue
-        if f.exists() and not looks_like_dicom(f):
+        if not is_candidate(f):
             found.ignored.append(f)
             continue
         try:

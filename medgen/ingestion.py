@@ -13,6 +13,7 @@ rejected row and the batch goes on.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -22,17 +23,19 @@ import multiprocessing
 import os
 import re
 import secrets
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medgen.discover import discover
+from medgen.discover import discover, is_candidate, list_files
 from medgen.errors import InputError, UnreadableFileError, error_class
 from medgen.io.atomic import write_text_atomic
 from medgen.io.dicom import DicomHeader, DicomSeries, read_header, read_series
-from medgen.io.nifti import FrameMode, read_nifti
+from medgen.io.nifti import FrameMode, is_nifti, read_nifti
 from medgen.manifest import assign_split, read_rows, write_manifest
 
 STATE_DIR = ".medgen"
@@ -105,68 +108,72 @@ class FileIndex:
         self.files_read = 0
         self.bytes_read = 0
 
-    def _fresh(self, p: Path) -> tuple[dict[str, Any] | None, os.stat_result | None]:
+    def fresh(self, p: Path) -> dict[str, Any] | None:
+        """The entry for `p` when its size and mtime are unchanged (the file need not be read)."""
         try:
             st = p.stat()
         except OSError:
-            return None, None
+            return None
         e = self.entries.get(str(p))
         if e and e["size"] == st.st_size and e["mtime_ns"] == st.st_mtime_ns:
             self.used[str(p)] = e
-            return e, st
-        return None, st
+            return e
+        return None
 
-    def _read(self, p: Path) -> bytes:
-        try:
-            data = p.read_bytes()
-        except FileNotFoundError as e:
-            raise UnreadableFileError(p, f"cannot open: {e.strerror or e}") from e
-        except OSError as e:
-            raise UnreadableFileError(p, f"cannot read: {e.strerror or e}") from e
+    def add(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Record a `survey_file` result."""
+        entry = dict(entry)
+        path = entry.pop("path")
         self.files_read += 1
-        self.bytes_read += len(data)
-        return data
+        self.bytes_read += entry.pop("nbytes")
+        self.entries[path] = self.used[path] = entry
+        return entry
 
-    def _store(self, p: Path, st: os.stat_result, **values: Any) -> dict[str, Any]:
-        e = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **values}
-        self.entries[str(p)] = self.used[str(p)] = e
+    def _entry(self, p: Path) -> dict[str, Any] | None:
+        e = self.fresh(p)
+        if e is None and p.exists():
+            e = self.add(survey_file(str(p), parse_dicom=not is_nifti(p)))
         return e
 
     def dicom_header(self, p: Path) -> DicomHeader | None:
         """Header from the index when the file is unchanged, else read + hash + parse in one read."""
-        e, st = self._fresh(p)
+        e = self._entry(p)
         if e is None:
-            if st is None:
-                raise UnreadableFileError(p, "cannot open: no such file (broken link?)")
-            data = self._read(p)
-            sha = hashlib.sha256(data).hexdigest()
-            try:
-                h = read_header(p, data)
-            except InputError as err:
-                self._store(p, st, sha256=sha, header=None, error={"code": err.code, "reason": err.reason})
-                raise
-            e = self._store(p, st, sha256=sha, header=h.to_json() if h else None, error=None)
-            return h
+            raise UnreadableFileError(p, "cannot open: no such file (broken link?)")
         if e.get("error"):
             raise error_class(e["error"]["code"])(p, e["error"]["reason"])
         return DicomHeader.from_json(e["header"]) if e.get("header") else None
 
     def sha256(self, p: Path) -> str:
         """Content hash; '' when the file cannot be read (its row says why)."""
-        e, st = self._fresh(p)
-        if e is not None:
-            return e["sha256"]
-        if st is None:
-            return ""
-        try:
-            sha = hashlib.sha256(self._read(p)).hexdigest()
-        except UnreadableFileError:
-            return ""
-        self._store(p, st, sha256=sha, header=None, error=None)
-        return sha
+        e = self._entry(p)
+        return e["sha256"] if e else ""
 
     def save(self) -> None:
         write_text_atomic(self.path, json.dumps(self.used, sort_keys=True))
+
+
+def survey_file(path: str, parse_dicom: bool) -> dict[str, Any]:
+    """Read a file once: its stat, SHA-256 and (for DICOM) parsed header or typed error.
+
+    Module-level and JSON-valued so worker processes can run it and the index can keep it.
+    """
+    p = Path(path)
+    entry: dict[str, Any] = {"path": path, "header": None, "error": None}
+    try:
+        st = p.stat()  # before reading: a write during the read changes mtime, so the next run re-reads
+        data = p.read_bytes()
+    except OSError as e:
+        err = UnreadableFileError(p, f"cannot read: {e.strerror or e}")
+        return {**entry, "size": -1, "mtime_ns": -1, "sha256": "", "nbytes": 0, "error": {"code": err.code, "reason": err.reason}}
+    entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
+    if parse_dicom:
+        try:
+            h = read_header(p, data)
+            entry["header"] = h.to_json() if h else None
+        except InputError as err:
+            entry["error"] = {"code": err.code, "reason": err.reason}
+    return entry
 
 
 def _salt(state: Path, salt: str | None) -> str:
@@ -224,8 +231,14 @@ def _series_source(series: DicomSeries) -> str:
     return paths[0] if len(paths) == 1 else os.path.commonpath(paths)
 
 
-def find_units(sources: Sequence[Path], index: FileIndex) -> tuple[list[Unit], int]:
-    found = discover(sources, header_reader=index.dicom_header)
+def find_units(sources: Sequence[Path], index: FileIndex, pool: cf.Executor | None = None) -> tuple[list[Unit], int]:
+    files = list_files(sources)
+    if pool is not None:  # read and parse the changed files in parallel; discovery then finds them indexed
+        stale = [str(f) for f in files if is_candidate(f) and f.exists() and index.fresh(f) is None]
+        kinds = [not is_nifti(f) for f in stale]
+        for entry in pool.map(survey_file, stale, kinds, chunksize=max(1, len(stale) // 32)):
+            index.add(entry)
+    found = discover(sources, header_reader=index.dicom_header, files=files)
     units: list[Unit] = []
     for f in found.nifti:
         rel = _relative_key(f, sources)
@@ -349,9 +362,54 @@ def ingest(
         for r in read_rows(manifest_path):
             previous.setdefault(_base_id(r["scan_id"]), []).append(r)
 
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(cf.ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())) if workers > 1 else None
+        rows, converted, n_units, ignored = _ingest_units(srcs, out_dir, index, key, previous, options, pool, progress)
+
+    # Volumes this directory holds but the new manifest does not name (a scan that vanished or is
+    # now rejected) are removed, so volumes/ always matches manifest.csv.
+    keep = {r["output_path"] for r in rows if r["output_path"]}
+    for f in (out_dir / "volumes").glob("*.nii.gz"):
+        if f"volumes/{f.name}" not in keep:
+            f.unlink()
+    write_manifest(rows, manifest_path)
+    index.save()
+    write_text_atomic(options_file, options.fingerprint())
+    return IngestReport(
+        out_dir=out_dir,
+        manifest_path=manifest_path,
+        rows=sorted(rows, key=lambda r: r["scan_id"]),
+        converted=converted,
+        reused=n_units - converted,
+        files_read=index.files_read,
+        files_ignored=ignored,
+        seconds=time.perf_counter() - t0,
+        source_bytes=index.bytes_read,
+    )
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """fork when this process runs one thread (fast: no re-import); spawn otherwise, because a
+    fork inside a threaded host (Prefect, Dask, a web server) can copy a held lock and hang."""
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _ingest_units(
+    srcs: Sequence[Path],
+    out_dir: Path,
+    index: FileIndex,
+    key: str,
+    previous: dict[str, list[dict[str, str]]],
+    options: IngestOptions,
+    pool: cf.Executor | None,
+    progress: ProgressFn | None,
+) -> tuple[list[dict[str, str]], int, int, int]:
+    """Survey, then convert what changed. Returns (rows, converted, units found, files ignored)."""
     if progress:
         progress("survey", 0, 1)
-    units, ignored = find_units(srcs, index)
+    units, ignored = find_units(srcs, index, pool)
     if progress:
         progress("survey", 1, 1)
 
@@ -382,43 +440,17 @@ def ingest(
             )
             rows.append(r)
 
-    done = 0
     if progress:
         progress("convert", 0, len(todo))
-    if workers > 1 and len(todo) > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futures = {pool.submit(convert_unit, u, sid, str(out_dir), options): (u, sid) for u, sid in todo}
-            for fut in cf.as_completed(futures):
-                u, sid = futures[fut]
-                finish(u, sid, fut.result())
-                done += 1
-                if progress:
-                    progress("convert", done, len(todo))
+    if pool is not None and len(todo) > 1:
+        futures = {pool.submit(convert_unit, u, sid, str(out_dir), options): (u, sid) for u, sid in todo}
+        results = ((futures[f], f.result()) for f in cf.as_completed(futures))
     else:
-        for u, sid in todo:
-            finish(u, sid, convert_unit(u, sid, str(out_dir), options))
-            done += 1
-            if progress:
-                progress("convert", done, len(todo))
+        results = (((u, sid), convert_unit(u, sid, str(out_dir), options)) for u, sid in todo)
+    for done, ((u, sid), converted) in enumerate(results, 1):
+        finish(u, sid, converted)
+        if progress:
+            progress("convert", done, len(todo))
+    return rows, len(todo), len(units), ignored
 
-    # Volumes this directory holds but the new manifest does not name (a scan that vanished or is
-    # now rejected) are removed, so volumes/ always matches manifest.csv.
-    keep = {r["output_path"] for r in rows if r["output_path"]}
-    for f in (out_dir / "volumes").glob("*.nii.gz"):
-        if f"volumes/{f.name}" not in keep:
-            f.unlink()
-    write_manifest(rows, manifest_path)
-    index.save()
-    write_text_atomic(options_file, options.fingerprint())
-    return IngestReport(
-        out_dir=out_dir,
-        manifest_path=manifest_path,
-        rows=sorted(rows, key=lambda r: r["scan_id"]),
-        converted=len(todo),
-        reused=len(units) - len(todo),
-        files_read=index.files_read,
-        files_ignored=ignored,
-        seconds=time.perf_counter() - t0,
-        source_bytes=index.bytes_read,
-    )
+

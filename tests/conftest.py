@@ -10,7 +10,13 @@ import pytest
 
 from medgen.volume import Volume, VolumeMeta
 
+import tempfile
+
 os.environ.setdefault("MEDGEN_SUBJECT_SALT", "test-salt")
+# Quiet, isolated Prefect: its own home (SQLite), warnings only, no analytics.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="medgen-prefect-"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 PYDICOM_TESTS = Path(__import__("pydicom").__file__).parent / "data" / "test_files"
 DICOMDIR_TESTS = PYDICOM_TESTS / "dicomdirtests"

@@ -66,7 +66,7 @@ def test_reingest_of_an_unchanged_tree_reads_nothing(tree, tmp_path, monkeypatch
     monkeypatch.setattr(ing, "read_header", forbidden)
     monkeypatch.setattr(ing, "read_series", forbidden)
     monkeypatch.setattr(ing, "read_nifti", forbidden)
-    monkeypatch.setattr(ing.FileIndex, "_read", forbidden)
+    monkeypatch.setattr(ing, "survey_file", forbidden)
     second = ingest(tree, tmp_path / "out")
     assert (second.converted, second.reused, second.files_read) == (0, 5, 0)
     assert (tmp_path / "out" / "manifest.csv").read_text() == before

@@ -134,7 +134,7 @@ def write_series(
             ds.EchoTrainLength = ""
         ds.PixelData = np.ascontiguousarray(stored[:, :, k].T).tobytes()  # rows = j, columns = i
         if transfer_syntax and transfer_syntax != ExplicitVRLittleEndian:
-            ds.compress(transfer_syntax)
+            ds.compress(transfer_syntax, generate_instance_uid=False)  # keep our (reproducible) UID
         path = folder / f"{k + 1:04d}.dcm"
         with atomic_path(path) as tmp:
             ds.save_as(tmp, enforce_file_format=True)

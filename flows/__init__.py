@@ -1,0 +1,1 @@
+"""Prefect flows: thin wrappers over medgen library calls. Tasks pass paths, never volumes."""
