@@ -64,7 +64,7 @@ class Unit:
     source: str
     paths: tuple[str, ...]
     sha256: str
-    subject_key: str
+    subject_id: str  # pseudonym ('sub-' + keyed hash), '' when unknown
     series: DicomSeries | None = None
     error: InputError | None = None
 
@@ -94,16 +94,24 @@ class IngestReport:
 
 
 class FileIndex:
-    """path -> (size, mtime_ns, sha256, parsed header or error). Lets a re-run skip unchanged files."""
+    """path -> (size, mtime_ns, sha256, parsed header or error). Lets a re-run skip unchanged files.
 
-    def __init__(self, path: Path):
+    Patient identifiers never reach the index file: a header's identifiers are replaced by the
+    subject pseudonym before it is stored, and the index is tied to the salt that made them.
+    """
+
+    def __init__(self, path: Path, salt: str):
         self.path = path
+        self.salt = salt
+        self.check = _digest(salt, "file-index")
         self.entries: dict[str, dict[str, Any]] = {}
         if path.exists():
             try:
-                self.entries = json.loads(path.read_text())
-            except (OSError, ValueError):
-                self.entries = {}  # a damaged index only costs a full re-read
+                stored = json.loads(path.read_text())
+                if stored.get("salt_check") == self.check:
+                    self.entries = stored["entries"]
+            except (OSError, ValueError, KeyError, AttributeError):
+                self.entries = {}  # a damaged index (or another salt's) only costs a full re-read
         self.used: dict[str, dict[str, Any]] = {}
         self.files_read = 0
         self.bytes_read = 0
@@ -124,6 +132,9 @@ class FileIndex:
         """Record a `survey_file` result."""
         entry = dict(entry)
         path = entry.pop("path")
+        if entry.get("header"):
+            ids = entry["header"]["identifiers"]
+            entry["header"] = {**entry["header"], "identifiers": {"pseudonym": _dicom_subject_id(self.salt, ids)}}
         self.files_read += 1
         self.bytes_read += entry.pop("nbytes")
         self.entries[path] = self.used[path] = entry
@@ -150,7 +161,7 @@ class FileIndex:
         return e["sha256"] if e else ""
 
     def save(self) -> None:
-        write_text_atomic(self.path, json.dumps(self.used, sort_keys=True))
+        write_text_atomic(self.path, json.dumps({"salt_check": self.check, "entries": self.used}, sort_keys=True))
 
 
 def survey_file(path: str, parse_dicom: bool) -> dict[str, Any]:
@@ -208,22 +219,29 @@ def _relative_key(path: Path, roots: Sequence[Path]) -> str:
     return str(ap)
 
 
-def _dicom_subject_key(ids: dict[str, str]) -> str:
+def _subject_id(salt: str, key: str) -> str:
+    return "sub-" + _digest(salt, "subject:" + key) if key else ""
+
+
+def _dicom_subject_id(salt: str, ids: dict[str, str]) -> str:
+    """Pseudonym from PatientID, else PatientName + BirthDate, else StudyInstanceUID."""
+    if "pseudonym" in ids:  # already pseudonymised (a header from the file index)
+        return ids["pseudonym"]
     if ids.get("PatientID"):
-        return "pid:" + ids["PatientID"]
+        return _subject_id(salt, "pid:" + ids["PatientID"])
     if ids.get("PatientName"):
-        return f"pname:{ids['PatientName']}|{ids.get('PatientBirthDate', '')}"
+        return _subject_id(salt, f"pname:{ids['PatientName']}|{ids.get('PatientBirthDate', '')}")
     if ids.get("StudyInstanceUID"):
-        return "study:" + ids["StudyInstanceUID"]
+        return _subject_id(salt, "study:" + ids["StudyInstanceUID"])
     return ""
 
 
-def _nifti_subject_key(rel: str) -> str:
+def _nifti_subject_id(salt: str, rel: str) -> str:
     """BIDS subject folder (sub-XX) when there is one; otherwise each file is its own subject."""
     for part in Path(rel).parts:
         if _BIDS_SUBJECT.match(part):
-            return "bids:" + part
-    return "file:" + rel
+            return _subject_id(salt, "bids:" + part)
+    return _subject_id(salt, "file:" + rel)
 
 
 def _series_source(series: DicomSeries) -> str:
@@ -243,11 +261,11 @@ def find_units(sources: Sequence[Path], index: FileIndex, pool: cf.Executor | No
     for f in found.nifti:
         rel = _relative_key(f, sources)
         sha = index.sha256(f)
-        units.append(Unit("nifti", "nifti:" + rel, str(f), (str(f),), sha, _nifti_subject_key(rel)))
+        units.append(Unit("nifti", "nifti:" + rel, str(f), (str(f),), sha, _nifti_subject_id(index.salt, rel)))
     for s in found.series:
         file_hashes = sorted(index.sha256(Path(p)) for p in s.paths)
         sha = hashlib.sha256("\n".join(file_hashes).encode()).hexdigest()
-        subject = _dicom_subject_key(s.headers[0].identifiers)
+        subject = _dicom_subject_id(index.salt, s.headers[0].identifiers)
         units.append(Unit("dicom", "dicom:" + s.key, _series_source(s), s.paths, sha, subject, series=s))
     for err in found.bad_files:
         p = Path(err.path)
@@ -353,7 +371,7 @@ def ingest(
     (out_dir / "volumes").mkdir(exist_ok=True)
     manifest_path = out_dir / "manifest.csv"
     key = _salt(state, salt)
-    index = FileIndex(state / "file_index.json")
+    index = FileIndex(state / "file_index.json", key)
 
     previous: dict[str, list[dict[str, str]]] = {}
     options_file = state / "options.json"
@@ -426,7 +444,7 @@ def _ingest_units(
         todo.append((u, scan_id))
 
     def finish(u: Unit, scan_id: str, converted: list[dict[str, str]]) -> None:
-        subject = "sub-" + _digest(key, "subject:" + u.subject_key) if u.subject_key else ""
+        subject = u.subject_id
         for r in converted:
             accepted = r["status"] == "accepted"
             r.update(

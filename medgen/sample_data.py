@@ -103,7 +103,7 @@ def build_sample_data(out: str | Path, *, force: bool = False) -> list[SampleIte
         ("eCT_Supplemental.dcm", "dicom/enhanced_ct/eCT_Supplemental.dcm", "accepted: enhanced multi-frame CT, 2 frames of 512x512, HU"),
         ("emri_small_jpeg_2k_lossless.dcm", "dicom/enhanced_mr/emri_small_jpeg_2k_lossless.dcm", "rejected: enhanced MR without per-frame plane position"),
     ]:
-        src = get_testdata_file(name)
+        src = get_testdata_file(name, download=False)
         if src is None:
             raise FileNotFoundError(f"pydicom test file {name} not found; is pydicom-data installed?")
         (out / dest).parent.mkdir(parents=True, exist_ok=True)

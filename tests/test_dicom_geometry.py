@@ -119,7 +119,7 @@ def test_sample_phantom_series_match_simpleitk_and_dcm2niix(sample_dir, tmp_path
 
 
 def test_enhanced_multiframe_ct_matches_dcm2niix(tmp_path):
-    path = get_testdata_file("eCT_Supplemental.dcm")
+    path = get_testdata_file("eCT_Supplemental.dcm", download=False)
     vol = load_volume(path)
     assert vol.shape == (512, 512, 2) and vol.meta.units == "HU"
     np.testing.assert_allclose(vol.spacing, (0.388672, 0.388672, 10.0), atol=1e-6)
@@ -134,9 +134,9 @@ def test_compressed_enhanced_mr_frames_decode_like_uncompressed():
     and RLE pixel data must decode to exactly the uncompressed frames."""
     import pydicom
 
-    ref = pydicom.dcmread(get_testdata_file("emri_small.dcm")).pixel_array
+    ref = pydicom.dcmread(get_testdata_file("emri_small.dcm", download=False)).pixel_array
     for name in ["emri_small_jpeg_2k_lossless.dcm", "emri_small_jpeg_ls_lossless.dcm", "emri_small_RLE.dcm"]:
-        assert np.array_equal(pydicom.dcmread(get_testdata_file(name)).pixel_array, ref), name
+        assert np.array_equal(pydicom.dcmread(get_testdata_file(name, download=False)).pixel_array, ref), name
 
 
 def test_dicomdir_loads_the_series_it_references():

@@ -120,10 +120,11 @@ def test_a_scan_that_becomes_broken_loses_its_volume(tree, tmp_path):
 def test_no_identifier_reaches_the_manifest_or_the_volumes(tree, tmp_path):
     out = tmp_path / "out"
     report = ingest(tree, out)
-    blobs = [(out / "manifest.csv").read_bytes()] + [p.read_bytes() for p in (out / "volumes").iterdir()]
     import gzip
 
-    blobs += [gzip.decompress(p.read_bytes()) for p in (out / "volumes").iterdir()]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert (out / ".medgen" / "file_index.json") in files  # the incremental index is checked too
+    blobs = [p.read_bytes() for p in files] + [gzip.decompress(p.read_bytes()) for p in files if p.name.endswith(".gz")]
     for value in list(IDENTIFIERS.values()) + ["OTHER-77", "Doe"]:
         assert not any(value.encode() in b for b in blobs), value
     assert all(r["subject_id"].startswith("sub-") for r in report.rows)
@@ -137,6 +138,13 @@ def test_subjects_are_pseudonymous_stable_and_keyed_by_salt(tree, tmp_path):
     assert same_patient[0] == same_patient[1] != a[str(tree / "p2_ct")]["subject_id"]
     assert {k: v["subject_id"] for k, v in a.items()} == {k: v["subject_id"] for k, v in b.items()}
     assert not set(v["subject_id"] for v in a.values()) & set(v["subject_id"] for v in c.values())
+
+
+def test_another_salt_discards_the_index_and_its_pseudonyms(tree, tmp_path):
+    first = ingest(tree, tmp_path / "out")
+    again = ingest(tree, tmp_path / "out", salt="rotated")
+    assert again.files_read == first.files_read  # the old index (other pseudonyms) was not trusted
+    assert not {r["subject_id"] for r in first.rows} & {r["subject_id"] for r in again.rows}
 
 
 def test_salt_is_kept_in_the_output_when_none_is_given(tree, tmp_path, monkeypatch):
