@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medgen.errors import MedgenError
 
@@ -43,10 +43,153 @@ class IngestConfig(_Strict):
         return IngestOptions(frames=self.frames, localizers=self.localizers, split=self.split, split_seed=self.split_seed)
 
 
+Split = Literal["train", "val", "test"]
+
+
+class IntensityConfig(_Strict):
+    """How scanner units become model units ([out_min, out_max]); recorded so outputs map back.
+
+    ct_window: fixed HU window [lower, upper] (clipped: lossless only inside the window).
+    percentile: per-volume percentiles [lower, upper] (MR, arbitrary units).
+    """
+
+    kind: Literal["ct_window", "percentile"]
+    lower: float
+    upper: float
+    out_min: float = 0.0
+    out_max: float = 1.0
+
+    @field_validator("upper")
+    @classmethod
+    def _ordered(cls, v: float, info) -> float:
+        if "lower" in info.data and v <= info.data["lower"]:
+            raise ValueError("upper must be greater than lower")
+        return v
+
+
+class DataConfig(_Strict):
+    """Which manifest rows train a model, and the geometry/intensity space they are mapped into."""
+
+    modality: str | None = None  # keep rows of this modality ('MR', 'CT'); None keeps all
+    include: list[str] = ["*"]  # fnmatch patterns over the manifest's `source`
+    splits: list[Split] = ["train"]
+    val_splits: list[Split] = ["val"]
+    spacing: tuple[float, float, float]  # mm, RAS
+    size: tuple[int, int, int]  # voxels after crop/pad
+    intensity: IntensityConfig
+    num_workers: int = Field(0, ge=0)  # DataLoader workers (spawned: safe inside threaded hosts)
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if min(v) <= 0:
+            raise ValueError("spacing must be positive")
+        return v
+
+
+class StageTrainConfig(_Strict):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(1, ge=1)  # per process
+    lr: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    ema_decay: float | None = Field(None, ge=0, lt=1)
+    checkpoint_every: int = Field(100, ge=1)
+    log_every: int = Field(10, ge=1)
+    val_every: int = Field(0, ge=0)  # 0: validate only at the end
+    nan_limit: int = Field(10, ge=0)  # skipped non-finite steps tolerated before aborting
+    seed: int = 0
+
+
+class PerceptualConfig(_Strict):
+    """A feature network that exists on disk (TorchScript); nothing is ever downloaded."""
+
+    torchscript: Path
+    weight: float = Field(gt=0)
+
+
+class AutoencoderConfig(_Strict):
+    channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = Field(3, ge=1)
+    num_res_blocks: int = Field(1, ge=1)
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    norm_num_groups: int = Field(16, ge=1)
+    nonlocal_attention: bool = False  # MONAI's encoder/decoder mid-block attention (costly at 3D)
+    kl_weight: float = Field(1e-6, ge=0)
+    adv_weight: float = Field(0.0, ge=0)  # 0 disables the PatchGAN term
+    adv_start: int = Field(0, ge=0)  # warm-up: steps of L1 + KL before the adversarial term
+    disc_channels: int = Field(32, ge=1)
+    disc_layers: int = Field(3, ge=1)
+    disc_lr: float = Field(1e-4, gt=0)
+    perceptual: PerceptualConfig | None = None
+    train: StageTrainConfig
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+class DiffusionConfig(_Strict):
+    scheduler: Literal["ddpm", "ddim", "rflow"] = "ddpm"  # ddpm/ddim train alike; rflow is rectified flow
+    prediction: Literal["epsilon", "v_prediction"] = "epsilon"  # ignored by rflow (velocity)
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear_beta", "scaled_linear_beta"] = "scaled_linear_beta"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = Field(1, ge=1)
+    num_head_channels: int = Field(8, ge=1)
+    norm_num_groups: int = Field(16, ge=1)
+    train: StageTrainConfig
+
+
+class GenerateConfig(_Strict):
+    sampler: Literal["ddpm", "ddim", "rflow"] | None = None  # None: the model's own scheduler
+    steps: int = Field(50, ge=1)
+    batch_size: int = Field(1, ge=1)
+    decode_roi: tuple[int, int, int] | None = None  # latent window for sliding-window decoding
+
+
 class PipelineConfig(_Strict):
     name: str = "medgen"
     sample_data: Path | None = None  # when set, the demo set is assembled here before ingest
-    ingest: IngestConfig
+    ingest: IngestConfig | None = None
+    data: DataConfig | None = None
+    autoencoder: AutoencoderConfig | None = None
+    diffusion: DiffusionConfig | None = None
+    generate: GenerateConfig = GenerateConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PipelineConfig":
+        ae = self.autoencoder
+        if ae is not None:
+            if len(ae.attention_levels) != len(ae.channels):
+                raise ValueError("autoencoder.attention_levels needs one entry per channels level")
+            if any(c % ae.norm_num_groups for c in ae.channels):
+                raise ValueError("autoencoder.channels must be multiples of norm_num_groups")
+            if self.data is not None and any(n % ae.downsample for n in self.data.size):
+                raise ValueError(f"data.size {self.data.size} must be divisible by the autoencoder's downsampling ({ae.downsample})")
+        dm = self.diffusion
+        if dm is not None:
+            if len(dm.attention_levels) != len(dm.channels):
+                raise ValueError("diffusion.attention_levels needs one entry per channels level")
+            if any(c % dm.norm_num_groups for c in dm.channels):
+                raise ValueError("diffusion.channels must be multiples of norm_num_groups")
+            if ae is not None and self.data is not None:
+                latent = [n // ae.downsample for n in self.data.size]
+                down = 2 ** (len(dm.channels) - 1)
+                if any(n % down for n in latent):
+                    raise ValueError(f"latent size {latent} must be divisible by the diffusion UNet's downsampling ({down})")
+        return self
+
+    def require(self, *sections: str) -> None:
+        missing = [s for s in sections if getattr(self, s) is None]
+        if missing:
+            raise ConfigError(f"config {self.name!r} lacks section(s): {', '.join(missing)}")
 
 
 def load_config(path: str | Path) -> PipelineConfig:

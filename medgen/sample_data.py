@@ -72,6 +72,43 @@ def _affine(spacing: tuple[float, float, float], shape: tuple[int, int, int], ro
     return a
 
 
+POPULATION_SIZE = 16
+
+
+def template_population(n: int = POPULATION_SIZE, seed: int = 0, spacing: float = 2.0) -> list[Volume]:
+    """`n` pseudo-subjects from the MNI152 T1 template: random affine (+-6 deg, +-6 % scale,
+    +-3 mm shift), a smooth multiplicative bias field and a gamma change, resampled to `spacing` mm.
+
+    They are variants of ONE brain, not independent subjects: enough for a CPU demo and tests of
+    the training machinery, never for claims that a model generalises.
+    """
+    import nibabel as nib
+    from scipy.ndimage import affine_transform
+
+    img = nib.load(_package_dir("nilearn") / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    src = np.asarray(img.get_fdata(dtype=np.float32))
+    src /= np.percentile(src, 99.5)
+    src_affine = img.affine
+    extent = np.array(src.shape) * np.abs(np.diag(src_affine)[:3])
+    shape = tuple(int(e // spacing) for e in extent)
+    out_affine = _affine((spacing,) * 3, shape)  # RAS, centred on the world origin (the template's AC)
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    volumes = []
+    for _ in range(n):
+        warp = np.eye(4)
+        warp[:3, :3] = rotation(tuple(rng.uniform(-6, 6, 3))) @ np.diag(rng.uniform(0.94, 1.06, 3))
+        warp[:3, 3] = rng.uniform(-3, 3, 3)
+        # output voxel -> world -> (inverse warp) -> template voxel
+        m = np.linalg.inv(src_affine) @ np.linalg.inv(warp) @ out_affine
+        vol = affine_transform(src, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=1, cval=0.0)
+        coeffs = rng.normal(0, 0.12, (3, 3))
+        bias = np.exp(sum(coeffs[a, 0] * grid[a] + coeffs[a, 1] * grid[a] ** 2 + coeffs[a, 2] * grid[a] * grid[(a + 1) % 3] for a in range(3)))
+        vol = np.clip(vol, 0, None) ** rng.uniform(0.8, 1.25) * bias
+        volumes.append(Volume((vol * 1000.0).astype(np.float32), out_affine, VolumeMeta(modality="MR")))
+    return volumes
+
+
 def build_sample_data(out: str | Path, *, force: bool = False) -> list[SampleItem]:
     """Assemble the demo set into `out` (idempotent: a complete set is left as it is)."""
     import nibabel as nib
@@ -146,6 +183,17 @@ def build_sample_data(out: str | Path, *, force: bool = False) -> list[SampleIte
     shutil.copy2(nib_data / "example4d.nii.gz", nifti / "nibabel_example4d_bold.nii.gz")
     items.append(
         SampleItem("nifti/nibabel_example4d_bold.nii.gz", "nibabel tests/data/example4d.nii.gz", "MIT (nibabel)", "rejected by default (4D EPI, 2 frames); accepted as 2 volumes with --frames split")
+    )
+    for i, vol in enumerate(template_population()):
+        sub = f"sub-pop{i:02d}"
+        vol.to_nifti(nifti / "population" / sub / "anat" / f"{sub}_T1w.nii.gz")
+    items.append(
+        SampleItem(
+            "nifti/population",
+            f"generated: {POPULATION_SIZE} random affine + bias field + gamma variants of the MNI152 T1 template at 2 mm (seed 0)",
+            "BSD-3 (nilearn); MNI ICBM152 template terms",
+            "accepted: one BIDS-style subject each (the training population of the demo; variants of one brain, not independent subjects)",
+        )
     )
     _write_items(out, items)
     return items

@@ -1,0 +1,1 @@
+"""Networks are MONAI's; this package builds them from configs and saves/loads them as bundles."""

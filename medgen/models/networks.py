@@ -1,0 +1,88 @@
+"""Builders for MONAI's networks and schedulers from medgen configs (we write glue, not layers)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medgen.config import AutoencoderConfig, DiffusionConfig
+
+
+def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
+    from monai.networks.nets import AutoencoderKL
+
+    return AutoencoderKL(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=cfg.channels,
+        latent_channels=cfg.latent_channels,
+        num_res_blocks=cfg.num_res_blocks,
+        attention_levels=cfg.attention_levels,
+        norm_num_groups=cfg.norm_num_groups,
+        with_encoder_nonlocal_attn=cfg.nonlocal_attention,
+        with_decoder_nonlocal_attn=cfg.nonlocal_attention,
+    )
+
+
+def build_discriminator(cfg: AutoencoderConfig) -> nn.Module:
+    from monai.networks.nets import PatchDiscriminator
+
+    return PatchDiscriminator(spatial_dims=3, num_layers_d=cfg.disc_layers, channels=cfg.disc_channels, in_channels=1, out_channels=1)
+
+
+def build_unet(cfg: DiffusionConfig, latent_channels: int) -> nn.Module:
+    from monai.networks.nets import DiffusionModelUNet
+
+    return DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        channels=cfg.channels,
+        attention_levels=cfg.attention_levels,
+        num_res_blocks=cfg.num_res_blocks,
+        num_head_channels=cfg.num_head_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        # memory-efficient attention (torch SDPA) where it matters; weights are the same either way
+        use_flash_attention=torch.cuda.is_available(),
+    )
+
+
+def build_scheduler(cfg: DiffusionConfig, sampler: str | None = None):
+    """The scheduler for training (sampler None) or for sampling with `sampler`.
+
+    ddpm and ddim share a noise process (a model trained with one samples with either); rflow is
+    rectified flow and samples only with rflow.
+    """
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+
+    sampler = sampler or cfg.scheduler
+    if (sampler == "rflow") != (cfg.scheduler == "rflow"):
+        raise ValueError(f"a model trained with {cfg.scheduler} cannot sample with {sampler}")
+    beta = dict(schedule=cfg.beta_schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+    if sampler == "rflow":
+        return RFlowScheduler(num_train_timesteps=cfg.num_train_timesteps, use_discrete_timesteps=False)
+    if sampler == "ddim":
+        return DDIMScheduler(cfg.num_train_timesteps, clip_sample=False, prediction_type=cfg.prediction, **beta)
+    return DDPMScheduler(cfg.num_train_timesteps, clip_sample=False, prediction_type=cfg.prediction, **beta)
+
+
+class KLAutoencoderStep(nn.Module):
+    """encode -> reparameterise with *given* noise -> decode, as one forward.
+
+    MONAI's AutoencoderKL draws its reparameterisation noise from the global RNG; passing it in
+    keeps training reproducible and resumable, and one forward is what DDP can wrap.
+    """
+
+    def __init__(self, autoencoder: nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, sigma = self.autoencoder.encode(x)
+        return self.autoencoder.decode(mu + sigma * eps), mu, sigma
+
+
+def latent_shape(cfg: AutoencoderConfig, size: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    return (cfg.latent_channels, *(n // cfg.downsample for n in size))
+

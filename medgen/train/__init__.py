@@ -1,0 +1,1 @@
+"""Training: the shared loop (loop.py) and the stages built on it (autoencoder.py, ldm.py)."""
