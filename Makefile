@@ -19,6 +19,7 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(VENV)/bin/python benchmarks/ingest.py
+	$(VENV)/bin/python benchmarks/train_ldm.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -20,6 +20,9 @@ _EXPORTS = {
     "IngestReport": "medgen.ingestion",
     "read_manifest": "medgen.manifest",
     "build_sample_data": "medgen.sample_data",
+    "load_generator": "medgen.models.bundle",
+    "Generator": "medgen.models.bundle",
+    "generate": "medgen.sample",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -28,6 +31,8 @@ if TYPE_CHECKING:
     from medgen.ingestion import IngestReport, ingest
     from medgen.load import load_volume, load_volumes
     from medgen.manifest import read_manifest
+    from medgen.models.bundle import Generator, load_generator
+    from medgen.sample import generate
     from medgen.sample_data import build_sample_data
     from medgen.volume import Volume, VolumeMeta
 

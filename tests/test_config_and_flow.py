@@ -13,6 +13,7 @@ from medgen.config import ConfigError, load_config
 
 def test_demo_config_loads():
     cfg = load_config("configs/demo.yaml")
+    assert cfg.ingest is not None
     assert cfg.ingest.frames == "error" and cfg.ingest.sources == [Path("demo_run/sample_data")]
 
 
@@ -45,6 +46,6 @@ def test_ingest_flow_runs_and_second_run_reuses_everything(tmp_path, sample_dir)
     with prefect_test_harness():
         first = ingest_flow(str(cfg))
         second = ingest_flow(str(cfg))
-    assert first["accepted"] == 6 and first["converted"] == first["accepted"] + first["rejected"]
+    assert first["accepted"] == 22 and first["converted"] == first["accepted"] + first["rejected"]
     assert second["converted"] == 0 and second["reused"] == first["converted"]
     assert Path(first["manifest"]).exists()

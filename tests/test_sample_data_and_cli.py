@@ -21,6 +21,7 @@ def test_sample_data_mixes_real_dicom_nifti_and_phantoms(sample_dir):
     assert (sample_dir / "dicom" / "enhanced_ct" / "eCT_Supplemental.dcm").exists()
     assert len(list((sample_dir / "dicom" / "phantom_ct_rle").glob("*.dcm"))) == 48
     assert (sample_dir / "nifti" / "mni152_2009a_T1w.nii.gz").exists()
+    assert len(list((sample_dir / "nifti" / "population").glob("sub-*/anat/*_T1w.nii.gz"))) == 16
 
 
 def test_sample_data_build_is_reproducible(tmp_path, sample_dir):
@@ -43,12 +44,12 @@ def test_cli_ingest_of_the_sample_data(sample_dir, tmp_path):
         "dicom/phantom_mr_oblique_j2k",
         "nifti/mni152_2009a_T1w.nii.gz",
         "nifti/nibabel_anatomical_T1w.nii",
-    }
+    } | {f"nifti/population/sub-pop{i:02d}/anat/sub-pop{i:02d}_T1w.nii.gz" for i in range(16)}
     assert rows["dicom/pydicom_dicomdirtests/77654033/CT2"]["error_code"] == "missing_slice"
     assert rows["dicom/pydicom_dicomdirtests/98892003/MR700"]["error_code"] == "mixed_orientation"
     assert rows["nifti/nibabel_example4d_bold.nii.gz"]["error_code"] == "four_d"
     assert rows["dicom/phantom_ct_rle"]["units"] == "HU" and rows["dicom/phantom_ct_rle"]["modality"] == "CT"
-    assert "6 accepted" in result.output and "Rejected scans" in result.output
+    assert "22 accepted" in result.output and "Rejected scans" in result.output
     # a second run converts nothing
     again = runner.invoke(app, ["ingest", str(sample_dir), "--out", str(out)])
     assert again.exit_code == 0 and "0 converted" in again.output
