@@ -46,6 +46,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def plain_loop(loader, steps: int, device, opt, loss_fn) -> float:
+    """Median seconds per step of a tutorial-style loop, counting the time the loader took."""
+    times, step = [], 0
+    while step < steps:
+        it = iter(loader)
+        while step < steps:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            loss = loss_fn(batch["image"].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            step += 1
+    return float(np.median(times[2:]))
+
+
 def plain_autoencoder(cfg, items, steps, device) -> float:
     """MONAI tutorial style: DataLoader over an uncached Dataset, fp32, AutoencoderKL.forward."""
     from monai.data import DataLoader, Dataset
@@ -56,44 +77,13 @@ def plain_autoencoder(cfg, items, steps, device) -> float:
 
     torch.manual_seed(0)
     ae = build_autoencoder(cfg.autoencoder).to(device)
-    opt = torch.optim.Adam(ae.parameters(), lr=cfg.autoencoder.train.lr)
     loader = DataLoader(Dataset(items, transforms(cfg.data)), batch_size=cfg.autoencoder.train.batch_size, shuffle=True)
-    times, step = [], 0
-    while step < steps:
-        for batch in timed(loader):
-            t0 = time.perf_counter()
-            x = batch["image"].to(device)
-            recon, mu, sigma = ae(x)
-            loss = (recon - x).abs().mean() + cfg.autoencoder.kl_weight * kl_loss(mu, sigma)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sync(device)
-            times.append(time.perf_counter() - t0 + batch_load_time(batch))
-            step += 1
-            if step >= steps:
-                break
-    return float(np.median(times[2:]))
 
+    def loss_fn(x):
+        recon, mu, sigma = ae(x)
+        return (recon - x).abs().mean() + cfg.autoencoder.kl_weight * kl_loss(mu, sigma)
 
-_LOAD = {"t": 0.0}
-
-
-def batch_load_time(_batch) -> float:
-    """Seconds the DataLoader spent producing this batch (measured by the timed iterator)."""
-    return _LOAD.pop("t", 0.0)
-
-
-def timed(loader):
-    it = iter(loader)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            return
-        _LOAD["t"] = time.perf_counter() - t0
-        yield batch
+    return plain_loop(loader, steps, device, torch.optim.Adam(ae.parameters(), lr=cfg.autoencoder.train.lr), loss_fn)
 
 
 def plain_diffusion(cfg, items, ae, scale, steps, device) -> float:
@@ -101,36 +91,23 @@ def plain_diffusion(cfg, items, ae, scale, steps, device) -> float:
     from monai.data import DataLoader, Dataset
     from monai.inferers import LatentDiffusionInferer
 
-    from medgen.models.networks import build_scheduler, build_unet
+    from medgen.models.networks import build_scheduler, build_unet, latent_shape
     from medgen.preprocess import transforms
 
     torch.manual_seed(0)
     unet = build_unet(cfg.diffusion, cfg.autoencoder.latent_channels).to(device)
     sched = build_scheduler(cfg.diffusion)
     inferer = LatentDiffusionInferer(sched, scale_factor=scale)
-    opt = torch.optim.Adam(unet.parameters(), lr=cfg.diffusion.train.lr)
     loader = DataLoader(Dataset(items, transforms(cfg.data)), batch_size=cfg.diffusion.train.batch_size, shuffle=True)
-    times, step = [], 0
-    lat = None
-    while step < steps:
-        for batch in timed(loader):
-            t0 = time.perf_counter()
-            x = batch["image"].to(device)
-            with torch.no_grad():
-                lat = ae.encode_stage_2_inputs(x) if lat is None else lat
-            noise = torch.randn((x.shape[0], *lat.shape[1:]), device=device)
-            t = torch.randint(0, sched.num_train_timesteps, (x.shape[0],), device=device).long()
-            pred = inferer(inputs=x, autoencoder_model=ae, diffusion_model=unet, noise=noise, timesteps=t)
-            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sync(device)
-            times.append(time.perf_counter() - t0 + batch_load_time(batch))
-            step += 1
-            if step >= steps:
-                break
-    return float(np.median(times[2:]))
+    lat = latent_shape(cfg.autoencoder, cfg.data.size)
+
+    def loss_fn(x):
+        noise = torch.randn((x.shape[0], *lat), device=device)
+        t = torch.randint(0, sched.num_train_timesteps, (x.shape[0],), device=device).long()
+        pred = inferer(inputs=x, autoencoder_model=ae, diffusion_model=unet, noise=noise, timesteps=t)
+        return torch.nn.functional.mse_loss(pred.float(), noise.float())
+
+    return plain_loop(loader, steps, device, torch.optim.Adam(unet.parameters(), lr=cfg.diffusion.train.lr), loss_fn)
 
 
 def ours(cfg, items, steps, device, run: Path) -> tuple[float, float, object, float]:

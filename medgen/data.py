@@ -66,7 +66,14 @@ def prepare(items: list[dict], cfg: DataConfig, cache_dir: str | Path, what: str
             f"no accepted {what} scans match the data config (modality={cfg.modality}, splits={cfg.splits}, include={cfg.include})"
         )
     ds = dataset(items, cfg, cache_dir)
-    loaded = [ds[i] for i in range(len(ds))]
+    if cfg.num_workers > 0:
+        from torch.utils.data import DataLoader
+
+        # spawned workers: a fork inside a threaded host (Prefect, a notebook kernel) can hang
+        loader = DataLoader(ds, batch_size=None, num_workers=cfg.num_workers, multiprocessing_context="spawn")
+        loaded = list(loader)
+    else:
+        loaded = [ds[i] for i in range(len(ds))]
     images = torch.stack([torch.as_tensor(d["image"]).float() for d in loaded])
     lo = statistics.median(d["in_lo"] for d in loaded)
     hi = statistics.median(d["in_hi"] for d in loaded)

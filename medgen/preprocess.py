@@ -71,9 +71,12 @@ class _RecordWindow:
 
 def transforms(cfg: DataConfig):
     """The deterministic preprocessing chain (cached by PersistentDataset)."""
+    import logging
     import warnings
 
-    with warnings.catch_warnings():  # LoadImage probes an optional GPU DICOM decoder we never use
+    # LoadImage probes an optional GPU DICOM decoder we never use, and says so twice
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
         return _compose(cfg)
 

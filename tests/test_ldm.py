@@ -303,3 +303,14 @@ def test_cli_trains_and_generates(manifest, tmp_path):
     assert r.exit_code == 0, r.output
     vols = [load_volume(p) for p in sorted((tmp_path / "syn").glob("*.nii.gz"))]
     assert len(vols) == 2 and vols[0].shape == (16, 16, 16)
+
+
+def test_preprocessing_with_spawned_workers_matches_serial(manifest, tmp_path):
+    from medgen.data import manifest_items, prepare
+
+    cfg = config().data
+    items = manifest_items(manifest, cfg)
+    serial = prepare(items, cfg, tmp_path / "a")
+    parallel = prepare(items, cfg.model_copy(update={"num_workers": 2}), tmp_path / "b")
+    assert torch.equal(serial.images, parallel.images)
+    assert serial.intensity == parallel.intensity
