@@ -154,6 +154,39 @@ class GenerateConfig(_Strict):
     decode_roi: tuple[int, int, int] | None = None  # latent window for sliding-window decoding
 
 
+class DenoiserConfig(_Strict):
+    """An image-space, noise-conditional score model (epsilon-predicting DiffusionModelUNet).
+
+    Trained at noise-to-signal ratios sigma in [sigma_min, sigma_max] (intensities scaled so the
+    99.5th percentile is 1); `linear_beta` reaches the low-noise end, `scaled_linear_beta` does not.
+    """
+
+    channels: tuple[int, ...] = (16, 32, 32)
+    attention_levels: tuple[bool, ...] = (False, False, False)
+    num_res_blocks: int = Field(1, ge=1)
+    num_head_channels: int = Field(16, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear_beta", "scaled_linear_beta"] = "linear_beta"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    sigma_min: float = Field(0.01, gt=0)
+    sigma_max: float = Field(0.2, gt=0)
+    patch: tuple[int, int, int] = (32, 32, 32)
+    train: StageTrainConfig
+
+    @model_validator(mode="after")
+    def _check(self) -> "DenoiserConfig":
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError("sigma_max must be greater than sigma_min")
+        down = 2 ** (len(self.channels) - 1)
+        if any(p % down for p in self.patch):
+            raise ValueError(f"patch {self.patch} must be divisible by the UNet's downsampling ({down})")
+        if len(self.attention_levels) != len(self.channels) or any(c % self.norm_num_groups for c in self.channels):
+            raise ValueError("attention_levels needs one entry per channels level, channels multiples of norm_num_groups")
+        return self
+
+
 class PipelineConfig(_Strict):
     name: str = "medgen"
     sample_data: Path | None = None  # when set, the demo set is assembled here before ingest
@@ -162,6 +195,7 @@ class PipelineConfig(_Strict):
     autoencoder: AutoencoderConfig | None = None
     diffusion: DiffusionConfig | None = None
     generate: GenerateConfig = GenerateConfig()
+    denoiser: DenoiserConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "PipelineConfig":

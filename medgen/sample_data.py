@@ -75,20 +75,44 @@ def _affine(spacing: tuple[float, float, float], shape: tuple[int, int, int], ro
 POPULATION_SIZE = 16
 
 
-def template_population(n: int = POPULATION_SIZE, seed: int = 0, spacing: float = 2.0) -> list[Volume]:
+def mni_template() -> tuple[np.ndarray, np.ndarray]:
+    """nilearn's MNI152 2009a T1 template (data scaled to its 99.5th percentile = 1, affine)."""
+    import nibabel as nib
+
+    img = nib.load(_package_dir("nilearn") / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    return data / np.percentile(data, 99.5), img.affine
+
+
+def random_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """Random overlapping ellipsoids with smooth textures: a phantom unlike Shepp-Logan, for
+    training (Shepp-Logan stays a held-out test object)."""
+    from scipy.ndimage import gaussian_filter
+
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij"))
+    vol = np.zeros(shape, np.float32)
+    for _ in range(int(rng.integers(6, 16))):
+        c = rng.uniform(-0.5, 0.5, 3).astype(np.float32)
+        r = rng.uniform(0.08, 0.6, 3).astype(np.float32)
+        rot = rotation(tuple(rng.uniform(-90, 90, 3))).astype(np.float32)
+        q = np.einsum("ij,j...->i...", rot, g - c[:, None, None, None])
+        inside = ((q / r[:, None, None, None]) ** 2).sum(0) < 1
+        vol[inside] = rng.uniform(0.1, 1.0)
+    texture = gaussian_filter(rng.standard_normal(shape).astype(np.float32), 3) * 4
+    vol = gaussian_filter(vol, 0.7) * (1 + 0.15 * texture)
+    return np.clip(vol, 0, None) / max(float(np.percentile(vol, 99.5)), 1e-6)
+
+
+def template_population(n: int = POPULATION_SIZE, seed: int = 0, spacing: float = 2.0, template: tuple[np.ndarray, np.ndarray] | None = None) -> list[Volume]:
     """`n` pseudo-subjects from the MNI152 T1 template: random affine (+-6 deg, +-6 % scale,
     +-3 mm shift), a smooth multiplicative bias field and a gamma change, resampled to `spacing` mm.
 
     They are variants of ONE brain, not independent subjects: enough for a CPU demo and tests of
     the training machinery, never for claims that a model generalises.
     """
-    import nibabel as nib
     from scipy.ndimage import affine_transform
 
-    img = nib.load(_package_dir("nilearn") / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
-    src = np.asarray(img.get_fdata(dtype=np.float32))
-    src /= np.percentile(src, 99.5)
-    src_affine = img.affine
+    src, src_affine = template if template is not None else mni_template()
     extent = np.array(src.shape) * np.abs(np.diag(src_affine)[:3])
     shape = tuple(int(e // spacing) for e in extent)
     out_affine = _affine((spacing,) * 3, shape)  # RAS, centred on the world origin (the template's AC)

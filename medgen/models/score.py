@@ -1,0 +1,145 @@
+"""The noise-conditional score model: network, noise schedule, and its one-folder bundle.
+
+    MODEL/configs/metadata.json   network + schedule config, normalisation rule, versions,
+                                  provenance (command, data list with hashes, seed), file hashes
+    MODEL/models/score.pt         state dict (EMA weights), loaded with weights_only=True
+
+The schedule maps a noise-to-signal ratio sigma to a diffusion time: x_t = sqrt(abar) (x + sigma n)
+with abar = 1 / (1 + sigma^2), and t the (continuous) time where the schedule's abar equals it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import medgen
+from medgen.config import DenoiserConfig
+from medgen.models.bundle import BundleError
+
+FORMAT = "medgen-score-model"
+FORMAT_VERSION = 1
+DEFAULT_MODEL = "denoiser_default"
+
+
+def build_score_unet(cfg: DenoiserConfig) -> nn.Module:
+    from monai.networks.nets import DiffusionModelUNet
+
+    return DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=cfg.channels,
+        attention_levels=cfg.attention_levels,
+        num_res_blocks=cfg.num_res_blocks,
+        num_head_channels=cfg.num_head_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        use_flash_attention=torch.cuda.is_available(),
+    )
+
+
+class NoiseSchedule:
+    """abar(t) of the configured DDPM betas, interpolated to continuous t."""
+
+    def __init__(self, cfg: DenoiserConfig):
+        from monai.networks.schedulers import DDPMScheduler
+
+        sched = DDPMScheduler(cfg.num_train_timesteps, schedule=cfg.beta_schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+        self.abar = sched.alphas_cumprod.double().numpy()
+        self.ratio = np.sqrt((1 - self.abar) / self.abar)  # noise-to-signal ratio at each integer t
+        self.t = np.arange(len(self.abar), dtype=np.float64)
+
+    def time_of(self, sigma: float | np.ndarray) -> np.ndarray:
+        """Continuous diffusion time whose noise ratio is `sigma` (clamped to the schedule)."""
+        return np.interp(np.log(sigma), np.log(self.ratio), self.t)
+
+    def abar_of(self, t: float | np.ndarray) -> np.ndarray:
+        return np.interp(t, self.t, self.abar)
+
+    def time_of_torch(self, sigma: torch.Tensor) -> torch.Tensor:
+        """`time_of` for tensors (training draws sigmas on the device)."""
+        log_r = torch.as_tensor(np.log(self.ratio), dtype=torch.float32, device=sigma.device)
+        ls = torch.log(sigma).clamp(log_r[0], log_r[-1])
+        i = torch.searchsorted(log_r, ls).clamp(1, len(log_r) - 1)
+        w = (ls - log_r[i - 1]) / (log_r[i] - log_r[i - 1])
+        return (i - 1).float() + w
+
+    @property
+    def sigma_range(self) -> tuple[float, float]:
+        return float(self.ratio[0]), float(self.ratio[-1])
+
+
+@dataclass
+class ScoreModel:
+    path: Path | None
+    unet: nn.Module
+    cfg: DenoiserConfig
+    schedule: NoiseSchedule
+    metadata: dict[str, Any]
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.cfg.channels) - 1)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_score_model(path: str | Path, cfg: DenoiserConfig, state: dict[str, torch.Tensor], provenance: dict[str, Any]) -> Path:
+    import monai
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
+    (tmp / "models").mkdir(parents=True)
+    (tmp / "configs").mkdir()
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp / "models" / "score.pt")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": {"medgen": medgen.__version__, "torch": torch.__version__, "monai": monai.__version__},
+        "denoiser": cfg.model_dump(mode="json", exclude={"train"}),
+        "normalisation": "intensities scaled so the 0.5th..99.5th percentiles map to 0..1 (low end 0 when no voxel is negative); sigma is in those units",
+        "provenance": provenance,
+        "files": {"models/score.pt": _sha256(tmp / "models" / "score.pt")},
+    }
+    (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=1))
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("medgen").joinpath("weights", DEFAULT_MODEL)))
+
+
+def load_score_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> ScoreModel:
+    """Load a score-model folder (the shipped default when `path` is None), checking file hashes."""
+    path = Path(path) if path is not None else default_model_path()
+    meta_path = path / "configs" / "metadata.json"
+    if not meta_path.exists():
+        raise BundleError(f"{path}: not a score-model folder (no configs/metadata.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: unknown format {meta.get('format')} v{meta.get('format_version')}")
+    for rel, expected in meta["files"].items():
+        if not (path / rel).exists() or _sha256(path / rel) != expected:
+            raise BundleError(f"{path}: {rel} is missing or does not match the hash in its metadata")
+    cfg = DenoiserConfig.model_validate({**meta["denoiser"], "train": {"steps": 1}})
+    unet = build_score_unet(cfg)
+    unet.load_state_dict(torch.load(path / "models" / "score.pt", map_location="cpu", weights_only=True))
+    return ScoreModel(path, unet.to(device).eval(), cfg, NoiseSchedule(cfg), meta)
