@@ -1,0 +1,158 @@
+"""Denoising with the shipped default score model (0.7M parameters: inference in seconds on CPU),
+and the score-model training machinery on a tiny config."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medgen.config import DenoiserConfig
+from medgen.denoise import DenoiseError, denoise, denoise_detailed, estimate_sigma
+from medgen.errors import EmptyVolumeError, FourDimensionalError, InvalidValuesError, NotAVolumeError
+from medgen.models.score import default_model_path, load_score_model
+from medgen.volume import Volume, VolumeMeta
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def phantom() -> np.ndarray:
+    """The 3D MR Shepp-Logan phantom: held out from the default model's training data."""
+    import phantominator
+
+    m0, _, _ = phantominator.mr_shepp_logan((48, 48, 48), zlims=(-0.8, 0.8))
+    return (np.asarray(m0) / np.percentile(m0, 99.5)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_score_model(device="cpu")
+
+
+def psnr(a, b):
+    return float(10 * np.log10(1.0 / np.mean((a - b) ** 2)))
+
+
+def test_the_default_model_ships_small_and_says_how_it_was_made(model):
+    files = list(default_model_path().rglob("*.pt"))
+    assert len(files) == 1 and files[0].stat().st_size < 5e6
+    prov = model.metadata["provenance"]
+    assert "train_default_denoiser.py" in prov["command"] and prov["seed"] == 0 and prov["steps"] > 1000
+    names = [d["name"] for d in prov["training_data"]]
+    assert all(len(d["sha256"]) == 64 for d in prov["training_data"])
+    assert not any("shepp" in n.lower() or "anatomical" in n or "example4d" in n for n in names)
+    assert any("shepp" in h.lower() for h in prov["held_out"])
+
+
+@pytest.mark.parametrize("sigma", [0.02, 0.05, 0.10])
+def test_estimated_sigma_is_within_20_percent(phantom, sigma):
+    rng = np.random.default_rng(1)
+    y = phantom + sigma * rng.standard_normal(phantom.shape).astype(np.float32)
+    assert abs(estimate_sigma(y) - sigma) / sigma < 0.2
+    yr = np.sqrt((phantom + sigma * rng.standard_normal(phantom.shape)) ** 2 + (sigma * rng.standard_normal(phantom.shape)) ** 2)
+    assert abs(estimate_sigma(yr, "rician") - sigma) / sigma < 0.2
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.10])
+def test_denoising_raises_psnr_on_a_held_out_phantom(phantom, model, sigma):
+    y = phantom + sigma * np.random.default_rng(2).standard_normal(phantom.shape).astype(np.float32)
+    out = denoise(y, model=model, device="cpu")  # sigma estimated from the scan
+    assert psnr(out.data, phantom) > psnr(y, phantom) + 2.0
+
+
+def test_rician_bias_is_removed_in_the_background(phantom, model):
+    s = 0.08
+    rng = np.random.default_rng(3)
+    y = np.sqrt((phantom + s * rng.standard_normal(phantom.shape)) ** 2 + (s * rng.standard_normal(phantom.shape)) ** 2).astype(np.float32)
+    bg = phantom == 0
+    plain = denoise(y, model=model, noise="gaussian", device="cpu")
+    rician = denoise(y, model=model, noise="rician", device="cpu")
+    assert rician.data[bg].mean() < 0.7 * plain.data[bg].mean()
+    assert psnr(rician.data, phantom) > psnr(y, phantom)
+
+
+def test_geometry_and_units_survive(model):
+    """A CT-like volume in HU (negative values) on an oblique grid comes back on the same grid, in HU."""
+    from conftest import oblique_affine
+    from medgen.sample_data import phantom_ct
+
+    ct = phantom_ct((40, 40, 32))
+    noisy = ct + 40 * np.random.default_rng(4).standard_normal(ct.shape).astype(np.float32)
+    vol = Volume(noisy, oblique_affine(), VolumeMeta(modality="CT", units="HU"))
+    out = denoise(vol, model=model, device="cpu")
+    assert out.shape == vol.shape and np.array_equal(out.affine, vol.affine)
+    assert out.meta.units == "HU" and out.meta.modality == "CT" and "denoised" in out.meta.notes[-1]
+    air = ct == -1000
+    assert abs(float(out.data[air].mean()) + 1000) < 30  # still air, in HU
+    assert np.abs(out.data - ct).mean() < np.abs(noisy - ct).mean()
+
+
+def test_paths_and_dicom_inputs_work(tmp_path, model, phantom):
+    from medgen import load_volume
+    from medgen.io.dicom_write import write_series
+
+    vol = Volume(phantom * 1000 + 30 * np.random.default_rng(5).standard_normal(phantom.shape).astype(np.float32), np.diag([1.0, 1.0, 2.0, 1.0]), VolumeMeta(modality="MR"))
+    write_series(vol, tmp_path / "series")
+    out = denoise(tmp_path / "series", model=model, device="cpu")
+    src = load_volume(tmp_path / "series")
+    assert out.shape == src.shape and np.allclose(out.affine, src.affine)
+
+
+def test_posterior_gives_samples_mean_and_an_uncertainty_map(phantom, model):
+    rng = np.random.default_rng(6)
+    light = phantom + 0.01 * rng.standard_normal(phantom.shape).astype(np.float32)
+    heavy = phantom + 0.10 * rng.standard_normal(phantom.shape).astype(np.float32)
+    half = phantom.copy()
+    half[:24] = heavy[:24]
+    r_light = denoise_detailed(light, model=model, method="posterior", n_samples=3, device="cpu", max_steps=8)
+    r_heavy = denoise_detailed(heavy, model=model, method="posterior", n_samples=3, device="cpu", max_steps=8)
+    r_half = denoise_detailed(half, model=model, method="posterior", n_samples=3, device="cpu", max_steps=8)
+    assert len(r_heavy.samples) == 3 and r_heavy.std is not None
+    assert np.allclose(r_heavy.volume.data, np.mean([s.data for s in r_heavy.samples], axis=0), atol=1e-5)
+    assert r_heavy.std.data.mean() > 2 * r_light.std.data.mean()
+    assert r_half.std.data[:24].mean() > r_half.std.data[24:].mean()  # larger where noise was added
+    assert psnr(r_heavy.volume.data, phantom) > psnr(heavy, phantom)
+
+
+def test_large_volumes_go_through_sliding_windows(model, phantom):
+    big = np.tile(phantom, (2, 1, 1))[:80]  # 80 > the 64-voxel window
+    y = big + 0.05 * np.random.default_rng(7).standard_normal(big.shape).astype(np.float32)
+    out = denoise(y, model=model, device="cpu", sigma=0.05)
+    assert out.shape == big.shape and psnr(out.data, big) > psnr(y, big) + 3.0
+
+
+@pytest.mark.parametrize(
+    "scan, kwargs, error",
+    [
+        (np.full((8, 8, 8), np.nan, np.float32), {}, InvalidValuesError),
+        (np.zeros((8, 8), np.float32), {}, NotAVolumeError),
+        (np.zeros((4, 8, 8, 8), np.float32), {}, FourDimensionalError),
+        (np.ones((8, 8, 8), np.float32), {}, EmptyVolumeError),
+        (np.random.default_rng(0).random((8, 8, 8), dtype=np.float32), {"sigma": 0.0}, DenoiseError),
+        (np.random.default_rng(0).random((8, 8, 8), dtype=np.float32), {"sigma": -1.0}, DenoiseError),
+        (np.random.default_rng(0).random((8, 8, 8), dtype=np.float32), {"method": "magic"}, DenoiseError),
+    ],
+)
+def test_bad_input_gets_a_clear_error(model, scan, kwargs, error):
+    with pytest.raises(error):
+        denoise(scan, model=model, device="cpu", **kwargs)
+
+
+def test_score_training_loss_falls_and_bundle_round_trips(tmp_path, phantom):
+    from medgen.train.score import train_score
+
+    cfg = DenoiserConfig.model_validate(
+        {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 4, "num_head_channels": 4, "patch": [16, 16, 16],
+         "train": {"steps": 40, "batch_size": 4, "lr": 2e-3, "log_every": 1, "checkpoint_every": 100}}
+    )
+    path = train_score(cfg, [phantom, phantom[::-1].copy()], tmp_path, device="cpu", provenance={"command": "test"})
+    losses = [json.loads(x)["loss/score"] for x in (tmp_path / "score" / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    sm = load_score_model(path)
+    assert sm.metadata["provenance"]["steps"] == 40
+    a = denoise(phantom + 0.05, model=sm, sigma=0.05, device="cpu")
+    b = denoise(phantom + 0.05, model=load_score_model(path), sigma=0.05, device="cpu")
+    assert np.array_equal(a.data, b.data)
