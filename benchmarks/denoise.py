@@ -79,7 +79,7 @@ def bm4d_true_sigma(y, x, s):
 def main() -> None:
     import torch
 
-    from medgen.denoise import denoise_detailed
+    from medgen.denoising import denoise_detailed
     from medgen.models.score import load_score_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -15,7 +15,7 @@ import torch
 def main() -> None:
     from scipy.ndimage import gaussian_filter
 
-    from medgen.denoise import denoise_detailed
+    from medgen.denoising import denoise_detailed
     from medgen.models.score import load_score_model
 
     ap = argparse.ArgumentParser()

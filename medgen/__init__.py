@@ -23,6 +23,9 @@ _EXPORTS = {
     "load_generator": "medgen.models.bundle",
     "Generator": "medgen.models.bundle",
     "generate": "medgen.sample",
+    "denoise": "medgen.denoising",
+    "denoise_detailed": "medgen.denoising",
+    "load_score_model": "medgen.models.score",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -32,6 +35,8 @@ if TYPE_CHECKING:
     from medgen.load import load_volume, load_volumes
     from medgen.manifest import read_manifest
     from medgen.models.bundle import Generator, load_generator
+    from medgen.denoising import denoise, denoise_detailed
+    from medgen.models.score import load_score_model
     from medgen.sample import generate
     from medgen.sample_data import build_sample_data
     from medgen.volume import Volume, VolumeMeta

@@ -208,6 +208,60 @@ def _run_generate(model: Path, n: int, out: Path, sampler: str | None, steps: in
     return paths
 
 
+class NoiseKind(str, Enum):
+    gaussian = "gaussian"
+    rician = "rician"
+
+
+class DenoiseMethod(str, Enum):
+    tweedie = "tweedie"
+    posterior = "posterior"
+
+
+@app.command()
+def denoise(
+    scan: Annotated[Path, typer.Argument(help="NIfTI file, DICOM series folder or multi-frame DICOM file.", exists=True)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="A .nii/.nii.gz file, or (DICOM input) a folder for the DICOM series.")],
+    sigma: Annotated[float | None, typer.Option(help="Noise SD in the scan's units (default: estimated from the scan).")] = None,
+    noise: Annotated[NoiseKind, typer.Option(help="gaussian, or rician for magnitude MR.")] = NoiseKind.gaussian,
+    method: Annotated[DenoiseMethod, typer.Option(help="tweedie (MMSE, one pass) or posterior (sampling, with an uncertainty map).")] = DenoiseMethod.tweedie,
+    n_samples: Annotated[int, typer.Option(min=1, help="Posterior samples.")] = 4,
+    seed: Annotated[int, typer.Option()] = 0,
+    model: Annotated[Path | None, typer.Option(help="A score-model folder (default: the one shipped with medgen).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
+) -> None:
+    """Denoise a scan with the score model; NIfTI out, or a DERIVED DICOM series for DICOM input."""
+    from medgen.denoising import denoise_detailed
+    from medgen.load import load_volume
+
+    vol = load_volume(scan)
+    r = denoise_detailed(vol, model=model, sigma=sigma, noise=noise.value, method=method.value, n_samples=n_samples, seed=seed, device=device)
+    console = _console()
+    is_nifti_out = out.name.endswith((".nii", ".nii.gz"))
+    if vol.meta.source is not None and vol.meta.source.kind == "dicom" and not is_nifti_out:
+        from medgen.io.dicom_write import write_series
+
+        ids = vol.meta.source.identifiers
+        # A denoised scan is the same patient's scan: it keeps the patient and study, gets a new series.
+        paths = write_series(
+            r.volume,
+            out,
+            modality=vol.meta.modality if vol.meta.modality in ("CT", "MR") else "MR",
+            patient={k: ids[k] for k in ("PatientName", "PatientID", "PatientBirthDate") if ids.get(k)},
+            study_uid=ids.get("StudyInstanceUID") or None,
+            series_description="medgen denoised",
+            image_type=("DERIVED", "SECONDARY"),
+        )
+        console.print(f"{len(paths)} DICOM files -> {out} (new series, ImageType DERIVED\\SECONDARY)")
+    else:
+        target = out if is_nifti_out else out / "denoised.nii.gz"
+        r.volume.to_nifti(target)
+        if r.std is not None:
+            r.std.to_nifti(target.with_name(target.name.replace(".nii", "_std.nii")))
+        console.print(f"-> {target}")
+    console.print(f"sigma {r.sigma:.4g} {vol.meta.units} ({'estimated' if r.sigma_estimated else 'given'}), method {method.value}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("demo_run"),

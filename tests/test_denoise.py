@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medgen.config import DenoiserConfig
-from medgen.denoise import DenoiseError, denoise, denoise_detailed, estimate_sigma
+from medgen.denoising import DenoiseError, denoise, denoise_detailed, estimate_sigma
 from medgen.errors import EmptyVolumeError, FourDimensionalError, InvalidValuesError, NotAVolumeError
 from medgen.models.score import default_model_path, load_score_model
 from medgen.volume import Volume, VolumeMeta
@@ -156,3 +156,33 @@ def test_score_training_loss_falls_and_bundle_round_trips(tmp_path, phantom):
     a = denoise(phantom + 0.05, model=sm, sigma=0.05, device="cpu")
     b = denoise(phantom + 0.05, model=load_score_model(path), sigma=0.05, device="cpu")
     assert np.array_equal(a.data, b.data)
+
+
+def test_cli_denoise_writes_nifti_or_a_derived_dicom_series(tmp_path, phantom):
+    import pydicom
+    from typer.testing import CliRunner
+
+    from medgen import load_volume
+    from medgen.cli import app
+    from medgen.io.dicom_write import write_series
+
+    noisy = phantom[:, :, :16] * 1000 + 40 * np.random.default_rng(8).standard_normal((48, 48, 16)).astype(np.float32)
+    vol = Volume(noisy, np.diag([0.9, 0.9, 2.5, 1.0]), VolumeMeta(modality="MR"))
+    write_series(vol, tmp_path / "in", patient={"PatientID": "P-77", "PatientName": "Doe^J"})
+    vol.to_nifti(tmp_path / "in.nii.gz")
+    runner = CliRunner(env={"COLUMNS": "200"})
+    r = runner.invoke(app, ["denoise", str(tmp_path / "in.nii.gz"), "--out", str(tmp_path / "out.nii.gz"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert load_volume(tmp_path / "out.nii.gz").shape == (48, 48, 16)
+    r = runner.invoke(app, ["denoise", str(tmp_path / "in"), "--out", str(tmp_path / "out_dcm"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    src = [pydicom.dcmread(p) for p in sorted((tmp_path / "in").glob("*.dcm"))]
+    dst = [pydicom.dcmread(p) for p in sorted((tmp_path / "out_dcm").glob("*.dcm"))]
+    assert len(dst) == len(src)
+    assert {d.SeriesInstanceUID for d in dst}.isdisjoint({s.SeriesInstanceUID for s in src})
+    assert {d.SOPInstanceUID for d in dst}.isdisjoint({s.SOPInstanceUID for s in src})
+    assert dst[0].StudyInstanceUID == src[0].StudyInstanceUID and dst[0].PatientID == "P-77"
+    assert list(dst[0].ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    a, b = load_volume(tmp_path / "in"), load_volume(tmp_path / "out_dcm")
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
+    assert np.abs(b.data - phantom[:, :, :16] * 1000).mean() < np.abs(a.data - phantom[:, :, :16] * 1000).mean()
