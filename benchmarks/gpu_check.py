@@ -95,7 +95,6 @@ def main() -> None:
         return {"autoencoder": (recon.float() - x).abs().mean() + acfg.kl_weight * kl_loss(mu.float(), sigma.float())}
 
     results = [stage("autoencoder", atrain, Part("autoencoder", mod, torch.optim.Adam(mod.parameters(), lr=1e-4)), ae_step, images, device, work / "ae")]
-    del mod
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -113,7 +112,6 @@ def main() -> None:
     for r, shape in zip(results, ["1x" + "x".join(map(str, cfg.data.size)), "x".join(map(str, lat))]):
         share = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
         print(f"{r['stage']:<12} {r['batch']:>5} {shape:>16} {r['sec_per_step']:>8.3f} {r['peak_gib']:>9.1f} {r['step_tflop']:>10.2f} {r['tflops']:>8.1f} {share:>9}")
-    del unet
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

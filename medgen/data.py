@@ -11,6 +11,7 @@ import fnmatch
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from medgen.config import DataConfig
 from medgen.errors import MedgenError
 from medgen.manifest import read_rows
 from medgen.preprocess import IntensityMap, fingerprint, transforms
+
+if TYPE_CHECKING:
+    import torch
 
 
 class NoTrainingDataError(MedgenError):
@@ -51,7 +55,7 @@ def dataset(items: list[dict], cfg: DataConfig, cache_dir: str | Path):
 class Prepared:
     """Preprocessed training volumes, held in memory as one (N, 1, *size) float32 tensor."""
 
-    images: "torch.Tensor"  # noqa: F821
+    images: "torch.Tensor"
     items: list[dict]
     intensity: IntensityMap
 

@@ -135,7 +135,6 @@ def template_population(n: int = POPULATION_SIZE, seed: int = 0, spacing: float 
 
 def build_sample_data(out: str | Path, *, force: bool = False) -> list[SampleItem]:
     """Assemble the demo set into `out` (idempotent: a complete set is left as it is)."""
-    import nibabel as nib
     from pydicom.data import get_testdata_file
     from pydicom.uid import JPEG2000Lossless, RLELossless
 

@@ -11,11 +11,6 @@ pickled code, so loading never executes anything from the file.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,17 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-import medgen
 from medgen.config import AutoencoderConfig, DataConfig, DiffusionConfig
-from medgen.errors import MedgenError
+from medgen.models.folder import BundleError, read_model_folder, write_model_folder  # noqa: F401 (BundleError re-exported)
 from medgen.preprocess import IntensityMap, model_affine
 
 FORMAT = "medgen-generator"
 FORMAT_VERSION = 1
-
-
-class BundleError(MedgenError):
-    """A generator folder that is incomplete, altered, or of an unknown format."""
 
 
 @dataclass
@@ -60,10 +50,6 @@ class Generator:
         return tuple(self.metadata["latent_shape"])
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_generator(
     path: str | Path,
     *,
@@ -79,19 +65,10 @@ def save_generator(
     units: str,
     provenance: dict[str, Any],
 ) -> Path:
-    """Write the folder under a temporary name, then swap it in: a reader never sees half a bundle."""
-    import monai
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    (tmp / "models").mkdir(parents=True)
-    (tmp / "configs").mkdir()
-    torch.save(autoencoder_state, tmp / "models" / "autoencoder.pt")
-    torch.save(diffusion_state, tmp / "models" / "diffusion.pt")
+    """Write the generator folder (atomically; see medgen.models.folder)."""
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "versions": {"medgen": medgen.__version__, "torch": torch.__version__, "monai": monai.__version__},
         "modality": modality,
         "units": units,
         "scale_factor": scale_factor,
@@ -104,15 +81,8 @@ def save_generator(
         "autoencoder": autoencoder_cfg.model_dump(mode="json", exclude={"train", "perceptual"}),
         "diffusion": diffusion_cfg.model_dump(mode="json", exclude={"train"}),
         "provenance": provenance,
-        "files": {f"models/{n}": _sha256(tmp / "models" / n) for n in ("autoencoder.pt", "diffusion.pt")},
     }
-    (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=1))
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    return write_model_folder(path, meta, {"autoencoder": autoencoder_state, "diffusion": diffusion_state})
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
@@ -120,23 +90,14 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
     from medgen.models.networks import build_autoencoder, build_unet
 
     path = Path(path)
-    meta_path = path / "configs" / "metadata.json"
-    if not meta_path.exists():
-        raise BundleError(f"{path}: not a generator folder (no configs/metadata.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: unknown format {meta.get('format')} v{meta.get('format_version')}")
-    for rel, expected in meta["files"].items():
-        f = path / rel
-        if not f.exists() or _sha256(f) != expected:
-            raise BundleError(f"{path}: {rel} is missing or does not match the hash in its metadata")
+    meta, states = read_model_folder(path, FORMAT, FORMAT_VERSION)
     train_stub = {"train": {"steps": 1}}
     acfg = AutoencoderConfig.model_validate({**meta["autoencoder"], **train_stub})
     dcfg = DiffusionConfig.model_validate({**meta["diffusion"], **train_stub})
     data_cfg = DataConfig.model_validate(meta["preprocessing"]["data"])
     ae, unet = build_autoencoder(acfg), build_unet(dcfg, acfg.latent_channels)
-    ae.load_state_dict(torch.load(path / "models" / "autoencoder.pt", map_location="cpu", weights_only=True))
-    unet.load_state_dict(torch.load(path / "models" / "diffusion.pt", map_location="cpu", weights_only=True))
+    ae.load_state_dict(states["autoencoder"])
+    unet.load_state_dict(states["diffusion"])
     return Generator(
         path=path,
         autoencoder=ae.to(device).eval(),

@@ -10,11 +10,6 @@ with abar = 1 / (1 + sigma^2), and t the (continuous) time where the schedule's 
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,9 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import medgen
 from medgen.config import DenoiserConfig
-from medgen.models.bundle import BundleError
+from medgen.models.folder import read_model_folder, write_model_folder
 
 FORMAT = "medgen-score-model"
 FORMAT_VERSION = 1
@@ -93,34 +87,15 @@ class ScoreModel:
         return 2 ** (len(self.cfg.channels) - 1)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_score_model(path: str | Path, cfg: DenoiserConfig, state: dict[str, torch.Tensor], provenance: dict[str, Any]) -> Path:
-    import monai
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial-{uuid.uuid4().hex[:8]}")
-    (tmp / "models").mkdir(parents=True)
-    (tmp / "configs").mkdir()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp / "models" / "score.pt")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "versions": {"medgen": medgen.__version__, "torch": torch.__version__, "monai": monai.__version__},
         "denoiser": cfg.model_dump(mode="json", exclude={"train"}),
-        "normalisation": "intensities scaled so the 0.5th..99.5th percentiles map to 0..1 (low end 0 when no voxel is negative); sigma is in those units",
+        "normalisation": "intensities scaled so the 99.5th percentile is 1 (and the 0.5th is 0 when values go negative); sigma is in those units",
         "provenance": provenance,
-        "files": {"models/score.pt": _sha256(tmp / "models" / "score.pt")},
     }
-    (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=1))
-    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    return write_model_folder(path, meta, {"score": state})
 
 
 def default_model_path() -> Path:
@@ -130,16 +105,8 @@ def default_model_path() -> Path:
 def load_score_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> ScoreModel:
     """Load a score-model folder (the shipped default when `path` is None), checking file hashes."""
     path = Path(path) if path is not None else default_model_path()
-    meta_path = path / "configs" / "metadata.json"
-    if not meta_path.exists():
-        raise BundleError(f"{path}: not a score-model folder (no configs/metadata.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: unknown format {meta.get('format')} v{meta.get('format_version')}")
-    for rel, expected in meta["files"].items():
-        if not (path / rel).exists() or _sha256(path / rel) != expected:
-            raise BundleError(f"{path}: {rel} is missing or does not match the hash in its metadata")
+    meta, states = read_model_folder(path, FORMAT, FORMAT_VERSION)
     cfg = DenoiserConfig.model_validate({**meta["denoiser"], "train": {"steps": 1}})
     unet = build_score_unet(cfg)
-    unet.load_state_dict(torch.load(path / "models" / "score.pt", map_location="cpu", weights_only=True))
+    unet.load_state_dict(states["score"])
     return ScoreModel(path, unet.to(device).eval(), cfg, NoiseSchedule(cfg), meta)
