@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--init", type=Path, help="fine-tune from this score-model folder (recorded)")
+    ap.add_argument("--sharp-phantoms", type=int, default=0, help="add N piecewise-constant random-ellipsoid phantoms (seed 2)")
     ap.add_argument("--export-npz", type=Path)
     ap.add_argument("--from-npz", type=Path)
     args = ap.parse_args()
@@ -61,6 +63,12 @@ def main() -> None:
         torch.set_num_threads(2)
     arrays = dict(np.load(args.from_npz)) if args.from_npz else training_arrays()
     arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
+    if args.sharp_phantoms:
+        from medgen.sample_data import random_phantom
+
+        rng = np.random.default_rng(2)
+        for i in range(args.sharp_phantoms):
+            arrays[f"sharp_ellipsoid_phantom_{i}"] = random_phantom((64, 64, 64), rng, sharp=True)
     if args.export_npz:
         np.savez_compressed(args.export_npz, **{k: v.astype(np.float16) for k, v in arrays.items()})
         print(f"wrote {args.export_npz}")
@@ -92,7 +100,14 @@ def main() -> None:
         "held_out": ["nibabel tests/data/anatomical.nii", "nibabel tests/data/example4d.nii.gz frame 0", "phantominator mr_shepp_logan M0"],
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
     }
-    bundle = train_score(cfg, volumes, work / "run", device=args.device, provenance=provenance)
+    init = None
+    if args.init:
+        from medgen.models.score import load_score_model
+
+        previous = load_score_model(args.init)
+        init = previous.unet.state_dict()
+        provenance["initialised_from"] = {"files": previous.metadata["files"], "provenance": previous.metadata["provenance"]}
+    bundle = train_score(cfg, volumes, work / "run", device=args.device, provenance=provenance, init=init)
     print(f"trained in {(time.perf_counter() - t0) / 60:.1f} min -> {bundle}")
     meta_path = bundle / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())

@@ -124,6 +124,20 @@ class Stage(str, Enum):
     diffusion = "diffusion"
 
 
+@train_app.command("denoiser")
+def train_denoiser_cmd(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config with data and denoiser sections.", exists=True)],
+    manifest: Annotated[Path, typer.Option("--manifest", "-m", help="manifest.csv written by `medgen ingest`.", exists=True)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (resumed if it holds a checkpoint).")],
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda when available).")] = None,
+) -> None:
+    """The score model for `medgen denoise --model RUN/score_model`, on your own scans."""
+    from medgen.train.score import train_score_from_manifest
+
+    path = train_score_from_manifest(_load_config(config), manifest, out, device=device)
+    _console().print(f"score model: {path}")
+
+
 def _load_config(path: Path):
     from medgen.config import ConfigError, load_config
 

@@ -84,9 +84,9 @@ def mni_template() -> tuple[np.ndarray, np.ndarray]:
     return data / np.percentile(data, 99.5), img.affine
 
 
-def random_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
-    """Random overlapping ellipsoids with smooth textures: a phantom unlike Shepp-Logan, for
-    training (Shepp-Logan stays a held-out test object)."""
+def random_phantom(shape: tuple[int, int, int], rng: np.random.Generator, sharp: bool = False) -> np.ndarray:
+    """Random overlapping ellipsoids, with smooth textures or (`sharp`) piecewise constant: training
+    objects for the denoiser (the Shepp-Logan phantom itself stays a held-out test object)."""
     from scipy.ndimage import gaussian_filter
 
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij"))
@@ -98,6 +98,8 @@ def random_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> np.
         q = np.einsum("ij,j...->i...", rot, g - c[:, None, None, None])
         inside = ((q / r[:, None, None, None]) ** 2).sum(0) < 1
         vol[inside] = rng.uniform(0.1, 1.0)
+    if sharp:
+        return vol / max(float(np.percentile(vol, 99.5)), 1e-6)
     texture = gaussian_filter(rng.standard_normal(shape).astype(np.float32), 3) * 4
     vol = gaussian_filter(vol, 0.7) * (1 + 0.15 * texture)
     return np.clip(vol, 0, None) / max(float(np.percentile(vol, 99.5)), 1e-6)

@@ -186,3 +186,29 @@ def test_cli_denoise_writes_nifti_or_a_derived_dicom_series(tmp_path, phantom):
     a, b = load_volume(tmp_path / "in"), load_volume(tmp_path / "out_dcm")
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
     assert np.abs(b.data - phantom[:, :, :16] * 1000).mean() < np.abs(a.data - phantom[:, :, :16] * 1000).mean()
+
+
+def test_cli_trains_a_denoiser_from_a_manifest(tmp_path):
+    import nibabel as nib
+    import yaml
+    from typer.testing import CliRunner
+
+    from medgen import ingest
+    from medgen.cli import app
+    from medgen.sample_data import random_phantom
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        (tmp_path / "src" / f"sub-{i}").mkdir(parents=True)
+        nib.save(nib.Nifti1Image(random_phantom((24, 24, 24), rng) * 800, np.eye(4)), tmp_path / "src" / f"sub-{i}" / f"sub-{i}_T1w.nii.gz")
+    report = ingest(tmp_path / "src", tmp_path / "ing")
+    cfg = {
+        "data": {"splits": ["train", "val", "test"], "spacing": [1, 1, 1], "size": [24, 24, 24], "intensity": {"kind": "percentile", "lower": 0, "upper": 99.5}},
+        "denoiser": {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 4, "num_head_channels": 4, "patch": [16, 16, 16],
+                     "train": {"steps": 5, "batch_size": 2, "log_every": 1}},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["train", "denoiser", "-c", str(tmp_path / "c.yaml"), "-m", str(report.manifest_path), "-o", str(tmp_path / "run"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    sm = load_score_model(tmp_path / "run" / "score_model")
+    assert len(sm.metadata["provenance"]["training_data"]) == 3 and sm.metadata["provenance"]["steps"] == 5

@@ -38,6 +38,26 @@ def _pad_to(v: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
     return torch.nn.functional.pad(v, pads) if any(pads) else v
 
 
+def train_score_from_manifest(cfg, manifest: str | Path, run_dir: str | Path, *, device: str | None = None) -> Path:
+    """`medgen train denoiser`: the accepted scans of the config's data section (preprocessed and
+    cached like the LDM's, intensities 0..1 at the 99.5th percentile) train the score model."""
+    import hashlib
+
+    from medgen.data import manifest_items, prepare
+
+    cfg.require("data", "denoiser")
+    items = manifest_items(manifest, cfg.data)
+    prepared = prepare(items, cfg.data, Path(run_dir) / "cache")
+    volumes = [normalise(v[0].numpy())[0] for v in prepared.images]
+    provenance = {
+        "command": "medgen train denoiser",
+        "training_manifest_sha256": hashlib.sha256(Path(manifest).read_bytes()).hexdigest(),
+        "training_data": [{"name": i["scan_id"], "sha256": i["sha256"]} for i in items],
+        "config_name": cfg.name,
+    }
+    return train_score(cfg.denoiser, volumes, run_dir, device=device, provenance=provenance)
+
+
 def train_score(
     cfg: DenoiserConfig,
     volumes: list[np.ndarray],
@@ -46,14 +66,18 @@ def train_score(
     device: str | None = None,
     stop_after: int | None = None,
     provenance: dict[str, Any] | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Train on normalised volumes (each >= 1 patch after padding); writes RUN/score_model."""
+    """Train on normalised volumes (each >= 1 patch after padding); writes RUN/score_model.
+    `init` starts from existing weights (fine-tuning); say so in `provenance`."""
     d = init_distributed(device)
     run = Path(run_dir)
     vols = [_pad_to(torch.as_tensor(v, dtype=torch.float32), cfg.patch).to(d.device) for v in volumes]
     schedule = NoiseSchedule(cfg)
     torch.manual_seed(cfg.train.seed)
     unet = build_score_unet(cfg)
+    if init is not None:
+        unet.load_state_dict(init)
     model = wrap(unet, d)
     part = Part("score", model, torch.optim.AdamW(model.parameters(), lr=cfg.train.lr), cfg.train.ema_decay)
     log_lo, log_hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
