@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medgen.config import AutoencoderConfig, DiffusionConfig
+from medgen.config import AutoencoderConfig, DenoiserConfig, DiffusionConfig
 
 
 def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
@@ -31,13 +31,14 @@ def build_discriminator(cfg: AutoencoderConfig) -> nn.Module:
     return PatchDiscriminator(spatial_dims=3, num_layers_d=cfg.disc_layers, channels=cfg.disc_channels, in_channels=1, out_channels=1)
 
 
-def build_unet(cfg: DiffusionConfig, latent_channels: int) -> nn.Module:
+def build_unet(cfg: DiffusionConfig | DenoiserConfig, in_channels: int) -> nn.Module:
+    """The diffusion UNet on `in_channels` latent channels, or (DenoiserConfig, 1) the image-space score model."""
     from monai.networks.nets import DiffusionModelUNet
 
     return DiffusionModelUNet(
         spatial_dims=3,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
+        in_channels=in_channels,
+        out_channels=in_channels,
         channels=cfg.channels,
         attention_levels=cfg.attention_levels,
         num_res_blocks=cfg.num_res_blocks,

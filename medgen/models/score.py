@@ -28,19 +28,9 @@ DEFAULT_MODEL = "denoiser_default"
 
 
 def build_score_unet(cfg: DenoiserConfig) -> nn.Module:
-    from monai.networks.nets import DiffusionModelUNet
+    from medgen.models.networks import build_unet
 
-    return DiffusionModelUNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=1,
-        channels=cfg.channels,
-        attention_levels=cfg.attention_levels,
-        num_res_blocks=cfg.num_res_blocks,
-        num_head_channels=cfg.num_head_channels,
-        norm_num_groups=cfg.norm_num_groups,
-        use_flash_attention=torch.cuda.is_available(),
-    )
+    return build_unet(cfg, 1)
 
 
 class NoiseSchedule:
