@@ -37,8 +37,8 @@ def build_dataset(root: Path) -> list[Path]:
     from pydicom.uid import RLELossless
 
     from medgen.io.dicom_write import write_series
-    from medgen.sample_data import _affine, _package_dir, phantom_ct
-    from medgen.volume import Volume, VolumeMeta
+    from medgen.sample_data import _package_dir, phantom_ct
+    from medgen.volume import Volume, VolumeMeta, centred_affine
 
     mni = nib.load(_package_dir("nilearn") / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
     t1 = np.asarray(mni.get_fdata(dtype=np.float32))
@@ -51,7 +51,7 @@ def build_dataset(root: Path) -> list[Path]:
         write_series(vol, folders[-1], patient={"PatientID": f"BENCH-MR-{i}"})
     for i in range(2):  # two 256x256x96 CT phantoms, one RLE-compressed
         ct = phantom_ct((256, 256, 96))
-        vol = Volume(ct, _affine((0.8, 0.8, 1.5), ct.shape), VolumeMeta(modality="CT", units="HU"))
+        vol = Volume(ct, centred_affine((0.8, 0.8, 1.5), ct.shape), VolumeMeta(modality="CT", units="HU"))
         folders.append(root / f"ct_{i}")
         write_series(vol, folders[-1], patient={"PatientID": f"BENCH-CT-{i}"}, transfer_syntax=RLELossless if i else None)
     return folders

@@ -26,7 +26,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from medgen.errors import EmptyVolumeError, FourDimensionalError, InvalidValuesError, MedgenError, NotAVolumeError
+from medgen.errors import FourDimensionalError, MedgenError, NotAVolumeError
+from medgen.io.nifti import check_values
 from medgen.models.score import ScoreModel, load_score_model
 from medgen.train.score import normalise
 from medgen.volume import Volume, VolumeMeta
@@ -97,16 +98,6 @@ def _as_volume(scan: str | Path | Volume | np.ndarray, spacing: tuple[float, flo
         raise NotAVolumeError(where, "not a 3D volume")
     sp = spacing or (1.0, 1.0, 1.0)
     return Volume(arr.astype(np.float32), np.diag([*sp, 1.0]), VolumeMeta())
-
-
-def _check(vol: Volume) -> None:
-    where = vol.meta.source.path if vol.meta.source else f"volume of shape {vol.shape}"
-    if vol.data.size == 0:
-        raise EmptyVolumeError(where, "no voxels")
-    if not np.isfinite(vol.data).all():
-        raise InvalidValuesError(where, f"{int((~np.isfinite(vol.data)).sum())} voxels are NaN or inf")
-    if float(vol.data.min()) == float(vol.data.max()):
-        raise EmptyVolumeError(where, "every voxel has the same value")
 
 
 class _Net:
@@ -200,7 +191,7 @@ def denoise_detailed(
     if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
         raise DenoiseError(f"sigma must be a positive number, got {sigma}")
     vol = _as_volume(scan, spacing)
-    _check(vol)
+    check_values(vol.data, vol.meta.source.path if vol.meta.source else f"volume of shape {vol.shape}")
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sm = model if isinstance(model, ScoreModel) else load_score_model(model, device=dev)
     sm.unet.to(dev)

@@ -107,6 +107,6 @@ def _compose(cfg: DataConfig):
 
 def model_affine(cfg: DataConfig) -> np.ndarray:
     """The RAS affine of a volume in model space: the configured spacing, centred on the origin."""
-    a = np.diag([*cfg.spacing, 1.0])
-    a[:3, 3] = -np.array(cfg.spacing) * (np.array(cfg.size) - 1) / 2.0
-    return a
+    from medgen.volume import centred_affine
+
+    return centred_affine(cfg.spacing, cfg.size)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from medgen.io.atomic import write_text_atomic
-from medgen.volume import Volume, VolumeMeta
+from medgen.volume import Volume, VolumeMeta, centred_affine
 
 MARKER = ".medgen-sample-data"
 
@@ -62,14 +62,6 @@ def phantom_mr(shape: tuple[int, int, int] = (64, 64, 40)) -> np.ndarray:
 
     m0, _t1, _t2 = phantominator.mr_shepp_logan(shape, zlims=(-0.8, 0.8))
     return (np.asarray(m0, dtype=np.float64) * 1000.0).astype(np.float32)
-
-
-def _affine(spacing: tuple[float, float, float], shape: tuple[int, int, int], rot: np.ndarray | None = None) -> np.ndarray:
-    """Centred RAS affine with the given spacing, optionally rotated (oblique)."""
-    a = np.eye(4)
-    a[:3, :3] = (rot if rot is not None else np.eye(3)) @ np.diag(spacing)
-    a[:3, 3] = -a[:3, :3] @ ((np.array(shape) - 1) / 2.0)
-    return a
 
 
 POPULATION_SIZE = 16
@@ -117,7 +109,7 @@ def template_population(n: int = POPULATION_SIZE, seed: int = 0, spacing: float 
     src, src_affine = template if template is not None else mni_template()
     extent = np.array(src.shape) * np.abs(np.diag(src_affine)[:3])
     shape = tuple(int(e // spacing) for e in extent)
-    out_affine = _affine((spacing,) * 3, shape)  # RAS, centred on the world origin (the template's AC)
+    out_affine = centred_affine((spacing,) * 3, shape)  # RAS, centred on the world origin (the template's AC)
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
     volumes = []
@@ -173,7 +165,7 @@ def build_sample_data(out: str | Path, *, force: bool = False) -> list[SampleIte
         items.append(SampleItem(dest, f"pydicom / pydicom-data {name}", "MIT (pydicom, pydicom-data)", expect))
 
     ct = phantom_ct()
-    ct_vol = Volume(ct, _affine((0.9, 0.9, 2.0), ct.shape), VolumeMeta(modality="CT", units="HU"))
+    ct_vol = Volume(ct, centred_affine((0.9, 0.9, 2.0), ct.shape), VolumeMeta(modality="CT", units="HU"))
     write_series(
         ct_vol,
         out / "dicom" / "phantom_ct_rle",
@@ -184,7 +176,7 @@ def build_sample_data(out: str | Path, *, force: bool = False) -> list[SampleIte
     )
     items.append(SampleItem("dicom/phantom_ct_rle", "generated: phantominator.ct_shepp_logan 64x64x48, HU", "MIT (phantominator)", "accepted: CT series, RLE Lossless"))
     mr = phantom_mr()
-    mr_vol = Volume(mr, _affine((1.0, 1.0, 1.5), mr.shape, rotation((12.0, -8.0, 20.0))), VolumeMeta(modality="MR"))
+    mr_vol = Volume(mr, centred_affine((1.0, 1.0, 1.5), mr.shape, rotation((12.0, -8.0, 20.0))), VolumeMeta(modality="MR"))
     write_series(
         mr_vol,
         out / "dicom" / "phantom_mr_oblique_j2k",

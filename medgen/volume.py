@@ -15,6 +15,14 @@ from typing import Any
 import numpy as np
 
 
+def centred_affine(spacing: tuple[float, float, float], shape: tuple[int, ...], rotation: np.ndarray | None = None) -> np.ndarray:
+    """RAS affine with `spacing` (optionally rotated: oblique) whose grid centre is the world origin."""
+    a = np.eye(4)
+    a[:3, :3] = (rotation if rotation is not None else np.eye(3)) @ np.diag(spacing)
+    a[:3, 3] = -a[:3, :3] @ ((np.array(shape[:3]) - 1) / 2.0)
+    return a
+
+
 @dataclass(frozen=True)
 class IntensityStep:
     """An affine intensity map `y = x * scale + offset` applied after reading.
