@@ -1,8 +1,12 @@
-"""The ingest flow: one task, one library call, a path out.
+"""The ingest flow: survey in the flow, one task per new or changed scan, then the manifest.
 
-Run: `python -m flows.ingest configs/demo.yaml`. Incrementality lives in `medgen.ingest` itself
-(content hashes of the sources), so a scheduled re-run with nothing new reads nothing, whatever
-Prefect's cache does.
+    python -m flows.ingest configs/demo.yaml
+
+Incremental on content: `medgen.ingestion.plan_ingest` reads only files whose size or mtime
+changed and compares content hashes with the last manifest, so a scheduled re-run with nothing new
+starts no conversion task, and a changed scan starts exactly one. Conversion tasks take a scan's
+header record and return its manifest rows (small); with `orchestration.task_runner: dask` they run
+on a Dask cluster. The survey and the manifest stay in the flow process: they own the file index.
 """
 
 from __future__ import annotations
@@ -11,42 +15,63 @@ import sys
 from pathlib import Path
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import config, task_runner
 
 
-@task(retries=2, retry_delay_seconds=[5, 30])
+@task(retries=2, retry_delay_seconds=[2, 10])
 def sample_data_task(out: str) -> str:
     from medgen.sample_data import build_sample_data
 
-    build_sample_data(out)
+    build_sample_data(out)  # content-checked: an existing, complete set is kept as it is
     return out
 
 
-@task(retries=2, retry_delay_seconds=[5, 30])
-def ingest_task(sources: list[str], out: str, workers: int, options: dict) -> dict:
-    """Returns a small record (counts and the manifest path), never the volumes."""
-    from medgen.ingestion import IngestOptions, ingest
+# No Prefect cache: the plan already sends only new or changed scans here (keyed on content hashes).
+@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, task_run_name="convert {scan_id}")
+def convert_task(unit, scan_id: str, out_dir: str, options) -> list[dict[str, str]]:
+    from medgen.ingestion import convert_unit
 
-    report = ingest(sources, out, options=IngestOptions(**options), workers=workers)
+    return convert_unit(unit, scan_id, out_dir, options)
+
+
+def run_ingest(config_path: str) -> dict:
+    """The flow body (shared by the ingest flow and the pipeline's ingest stage)."""
+    from medgen.ingestion import finish_ingest, label_rows, plan_ingest
+
+    cfg = config(config_path)
+    cfg.require("ingest")
+    ing = cfg.ingest
+    if cfg.sample_data is not None:
+        sample_data_task(str(cfg.sample_data))
+    plan = plan_ingest([str(s) for s in ing.sources], ing.out, options=ing.options(), salt=ing.salt)
+    futures = [convert_task.submit(u, sid, str(plan.out_dir), plan.options) for u, sid in plan.todo]
+    rows = []
+    for (u, _), fut in zip(plan.todo, futures):
+        rows.extend(label_rows(plan, u, fut.result()))
+    report = finish_ingest(plan, rows)
     return {
         "manifest": str(report.manifest_path),
         "accepted": len(report.accepted),
         "rejected": len(report.rejected),
         "converted": report.converted,
         "reused": report.reused,
+        "splits": {s: sum(r["split"] == s for r in report.accepted) for s in ("train", "val", "test")},
+        "rejections": [{"scan_id": r["scan_id"], "error_code": r["error_code"], "reason": r["reason"]} for r in report.rejected],
     }
 
 
-@flow(name="medgen-ingest")
+@flow(name="medgen-ingest", log_prints=True)
 def ingest_flow(config_path: str) -> dict:
-    from medgen.config import load_config
+    return run_ingest(config_path)
 
-    cfg = load_config(config_path)
-    if cfg.sample_data is not None:
-        sample_data_task(str(cfg.sample_data))
-    ing = cfg.ingest
-    opts = {"frames": ing.frames, "localizers": ing.localizers, "split": tuple(ing.split), "split_seed": ing.split_seed}
-    return ingest_task([str(s) for s in ing.sources], str(ing.out), ing.workers, opts)
+
+def with_runner(flow_obj, config_path: str):
+    runner = task_runner(config(config_path))
+    return flow_obj.with_options(task_runner=runner) if runner is not None else flow_obj
 
 
 if __name__ == "__main__":
-    print(ingest_flow(sys.argv[1] if len(sys.argv) > 1 else str(Path("configs/demo.yaml"))))
+    path = sys.argv[1] if len(sys.argv) > 1 else str(Path("configs/demo.yaml"))
+    print(with_runner(ingest_flow, path)(path))

@@ -11,11 +11,6 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="medgen: ingest, synthesise, denoise and export medical volumes.")
 
 
-# The demo's data are package test files and phantoms, not patients: a fixed, public salt makes its
-# pseudonyms, splits and therefore its trained model the same on every machine.
-DEMO_SALT = "medgen-demo-10"  # any constant; this one splits the 16-subject population 11/2/3
-
-
 class Frames(str, Enum):
     error = "error"
     split = "split"
@@ -195,36 +190,91 @@ class Sampler(str, Enum):
 def generate(
     model: Annotated[Path, typer.Argument(help="A generator folder (RUN/generator).", exists=True)],
     n: Annotated[int, typer.Option("--n", min=1, help="How many volumes.")] = 4,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for synthetic_NNNN.nii.gz.")] = Path("synthetic"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: volumes/synthetic_NNNN.nii.gz and synthesis.json.")] = Path("synthetic"),
     sampler: Annotated[Sampler | None, typer.Option(help="Default: the model's own scheduler.")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Sampling steps (DDPM is usually run with 1000).")] = 50,
     seed: Annotated[int, typer.Option(help="Sample i of a seed is the same whatever the batch size.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 1,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
 ) -> None:
-    """Generate synthetic volumes as NIfTI in the model's geometry and units."""
+    """Generate synthetic volumes (NIfTI, model geometry and units) into a run folder for `medgen validate`."""
     _run_generate(model, n, out, sampler.value if sampler else None, steps, seed, batch_size, device)
 
 
-def _run_generate(model: Path, n: int, out: Path, sampler: str | None, steps: int, seed: int, batch_size: int, device: str | None) -> list[Path]:
+def _run_generate(model: Path, n: int, out: Path, sampler: str | None, steps: int, seed: int, batch_size: int, device: str | None):
     import time
 
-    import torch
+    from medgen.synthesis import synthesize
 
-    from medgen.models.bundle import load_generator
-    from medgen.sample import generate as run
-
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gen = load_generator(model, device=dev)
     t0 = time.perf_counter()
-    vols = run(gen, n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, device=dev, decode_roi=None)
+    record = synthesize(model, n, out, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, device=device)
     seconds = time.perf_counter() - t0
-    paths = [v.to_nifti(out / f"synthetic_{i:04d}.nii.gz") for i, v in enumerate(vols)]
-    _console().print(
-        f"{n} volumes ({gen.modality}, {'x'.join(map(str, vols[0].shape))} at {'x'.join(f'{s:g}' for s in vols[0].spacing)} mm, "
-        f"{gen.units}) in {seconds:.1f} s with {sampler or gen.diffusion_cfg.scheduler}-{steps} -> {out}"
-    )
-    return paths
+    _console().print(f"{n} volumes in {seconds:.1f} s with {record.sampler}-{steps} -> {out / 'volumes'} (record: {out / 'synthesis.json'})")
+    return record
+
+
+def _load_quality(config: Path | None):
+    from medgen.config import QualityConfig
+
+    return _load_config(config).quality if config else QualityConfig()
+
+
+@app.command()
+def validate(
+    run: Annotated[Path, typer.Argument(help="A synthesis run folder (from `medgen generate`).", exists=True, file_okay=False)],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Config whose `quality` section sets the gate (default thresholds otherwise).")] = None,
+    manifest: Annotated[Path | None, typer.Option(help="Training manifest, if not where the generator recorded it.")] = None,
+) -> None:
+    """Run the quality gate on a synthesis run: metrics, verdicts, RUN/quality/report.{json,md}, montage and histograms."""
+    from medgen.validate import validate_run
+
+    v = validate_run(run, quality=_load_quality(config), manifest=manifest)
+    print_validation(v, _console())
+    if not v.passed:
+        raise typer.Exit(code=2)
+
+
+def print_validation(v, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    r = v.result
+    table = Table(title=f"quality gate: {v.run}")
+    for col in ("volume", "verdict", "nearest NCC", "feature cos", "reasons"):
+        table.add_column(col, overflow="fold")
+    for vv in r.volumes:
+        c = vv.checks
+        ncc, cos = c.get("nearest_ncc"), c.get("nearest_feature_cosine")
+        table.add_row(
+            vv.name, "[green]pass" if vv.passed else "[red]FAIL",
+            "" if ncc is None else f"{ncc:.3f}", "" if cos is None else f"{cos:.3f}", escape("; ".join(vv.reasons)),
+        )
+    console.print(table)
+    real = ", ".join(f"{k.upper()} {val:.4g}" for k, val in r.realism.items() if val is not None)
+    d = r.diversity
+    console.print(f"realism vs training: {real}")
+    if d["synthetic_mean_pairwise_ms_ssim"] is not None:
+        console.print(f"diversity (mean pairwise MS-SSIM): synthetic {d['synthetic_mean_pairwise_ms_ssim']:.3f}, real {d['real_mean_pairwise_ms_ssim']:.3f}")
+    verdict = "[green]PASS" if r.passed else "[red]FAIL: " + escape("; ".join(r.reasons))
+    console.print(f"batch verdict: {verdict}  (report: {v.report_path.parent / 'report.md'})")
+
+
+class ExportFormatOption(str, Enum):
+    nifti = "nifti"
+    dicom = "dicom"
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A validated synthesis run folder.", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Export folder.")],
+    format: Annotated[ExportFormatOption, typer.Option("--format", "-f", help="nifti (with .provenance.json) or dicom (a series per volume).")] = ExportFormatOption.nifti,
+) -> None:
+    """Export the volumes that passed the gate, atomically and idempotently, with provenance sidecars."""
+    from medgen.export import export_run
+
+    r = export_run(run, out, format.value)
+    _console().print(f"exported {len(r.exported)} volume(s) as {r.format} -> {out}" + (f"; not exported (failed the gate): {', '.join(r.skipped)}" if r.skipped else ""))
 
 
 class NoiseKind(str, Enum):
@@ -289,7 +339,7 @@ def demo(
     n: Annotated[int, typer.Option("--n", help="Synthetic volumes to generate.")] = 4,
 ) -> None:
     """The main job on the bundled sample data, on CPU: sample data -> ingest -> train the small
-    latent diffusion model -> generate synthetic volumes."""
+    latent diffusion model -> generate -> validate (the gate) -> export NIfTI and DICOM."""
     import time
 
     from medgen.sample_data import build_sample_data
@@ -311,7 +361,7 @@ def demo(
     ing = cfg.ingest
     report = _run_ingest(
         [out / "sample_data"], out / "ingest", workers=workers, frames=ing.frames if ing else "error",
-        localizers=ing.localizers if ing else "drop", salt=DEMO_SALT, force=False,
+        localizers=ing.localizers if ing else "drop", salt=ing.salt if ing else None, force=False,
     )
     times["ingest"] = time.perf_counter() - t
     if not report.accepted:
@@ -325,11 +375,25 @@ def demo(
     t = time.perf_counter()
     bundle = train_diffusion(cfg, report.manifest_path, run, device="cpu")
     times["train diffusion"] = time.perf_counter() - t
-    console.rule("[bold]5/5 generate")
+    console.rule("[bold]5/6 generate")
     t = time.perf_counter()
     g = cfg.generate
     _run_generate(bundle, n, out / "synthetic", g.sampler, g.steps, 0, g.batch_size, "cpu")
     times["generate"] = time.perf_counter() - t
+    console.rule("[bold]6/6 validate and export")
+    t = time.perf_counter()
+    from medgen.export import ExportError, export_run
+    from medgen.validate import validate_run
+
+    v = validate_run(out / "synthetic", quality=cfg.quality)
+    print_validation(v, console)
+    try:
+        for fmt in ("nifti", "dicom"):
+            r = export_run(out / "synthetic", out / "export" / fmt, fmt)
+            console.print(f"exported {len(r.exported)} volume(s) as {fmt} -> {r.out}")
+    except ExportError as e:
+        console.print(f"[red]{e}")
+    times["validate + export"] = time.perf_counter() - t
     _print_demo_summary(console, out, run, bundle, times)
 
 

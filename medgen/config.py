@@ -29,6 +29,9 @@ class IngestConfig(_Strict):
     localizers: Literal["drop", "error"] = "drop"
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: str = "medgen"
+    # Pseudonym salt. None (the default for real data): a secret kept in OUT/.medgen/salt or
+    # $MEDGEN_SUBJECT_SALT. Only data that are not patients (the demo) may name one in a config.
+    salt: str | None = None
 
     @field_validator("split")
     @classmethod
@@ -152,6 +155,9 @@ class GenerateConfig(_Strict):
     steps: int = Field(50, ge=1)
     batch_size: int = Field(1, ge=1)
     decode_roi: tuple[int, int, int] | None = None  # latent window for sliding-window decoding
+    n: int = Field(4, ge=1)  # volumes per synthesis run (pipeline)
+    seed: int = 0
+    chunk: int = Field(2, ge=1)  # volumes per generation task when the flow fans out
 
 
 class DenoiserConfig(_Strict):
@@ -187,6 +193,82 @@ class DenoiserConfig(_Strict):
         return self
 
 
+class FeatureEncoderConfig(_Strict):
+    """The project's own 3D feature encoder for FID/KID/MMD (contrastive, on the training split)."""
+
+    channels: tuple[int, ...] = (16, 32, 64)
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(8, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+
+
+class GateConfig(_Strict):
+    """Thresholds of the export gate. Similarity thresholds are calibrated on held-out real volumes:
+    the `memorization_quantile` of their nearest-training similarity, moved `memorization_margin`
+    of the way towards 1. Intensities are in model units (the training range is about [0, 1])."""
+
+    memorization_quantile: float = Field(0.95, ge=0, le=1)
+    memorization_margin: float = Field(0.5, ge=0, lt=1)
+    intensity_tolerance: float = Field(0.15, ge=0)  # beyond the training volumes' 0.5/99.5 percentile range
+    foreground_tolerance: float = Field(0.3, ge=0)  # relative, beyond the training foreground fractions
+    histogram_factor: float = Field(3.0, gt=0)  # x the largest held-out per-volume histogram W1
+    # x the largest held-out radiomics distance (RMS z-score of the 13 radiomics features against
+    # the training set): catches volumes with implausible texture (blur, noise); None turns it off
+    radiomics_factor: float | None = Field(2.0, gt=0)
+    min_pass_fraction: float = Field(0.5, ge=0, le=1)  # batch verdict
+    max_fid: float | None = None  # optional batch thresholds on realism
+    max_kid: float | None = None
+    max_diversity_ms_ssim: float | None = None  # mean pairwise MS-SSIM above this = mode collapse
+
+
+class QualityConfig(_Strict):
+    heldout_splits: list[Split] = ["val", "test"]
+    encoder: FeatureEncoderConfig = FeatureEncoderConfig()
+    gate: GateConfig = GateConfig()
+
+
+class ExportConfig(_Strict):
+    formats: list[Literal["nifti", "dicom"]] = ["nifti", "dicom"]
+
+
+class DenoiseJobConfig(_Strict):
+    """Scans to denoise with medgen.denoise (the pipeline's and the denoise flow's job)."""
+
+    sources: list[Path] = Field(min_length=1)  # scan files, DICOM series folders, or manifest.csv files
+    out: Path
+    model: Path | None = None  # a score-model folder; None = the one shipped with medgen
+    sigma: float | None = Field(None, gt=0)
+    noise: Literal["gaussian", "rician"] = "gaussian"
+    method: Literal["tweedie", "posterior"] = "tweedie"
+    n_samples: int = Field(4, ge=1)
+    seed: int = 0
+
+
+class TorchrunConfig(_Strict):
+    """How the train flow launches `torchrun` (one process per GPU; nodes for multi-node runs)."""
+
+    nproc_per_node: int = Field(1, ge=1)
+    nnodes: int = Field(1, ge=1)
+    node_rank: int = Field(0, ge=0)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(29500, ge=1, le=65535)
+    device: str | None = None  # cpu | cuda; None: cuda when available
+
+
+class OrchestrationConfig(_Strict):
+    """Where the flows put their outputs and which engines they run on."""
+
+    run_dir: Path = Path("medgen_run")  # training, synthesis, exports and denoised scans go under it
+    task_runner: Literal["default", "dask"] = "default"
+    dask_address: str | None = None  # an existing scheduler (tcp://host:8786); None with dask = a local cluster
+    dask_workers: int = Field(2, ge=1)  # local cluster size
+    gpu_slots: int = Field(1, ge=1)  # global concurrency limit 'gpu': cards that trainings share
+    torchrun: TorchrunConfig = TorchrunConfig()
+    retries: int = Field(2, ge=0)  # I/O tasks
+    retry_delay_seconds: list[float] = [2.0, 10.0]
+
+
 class PipelineConfig(_Strict):
     name: str = "medgen"
     sample_data: Path | None = None  # when set, the demo set is assembled here before ingest
@@ -196,6 +278,10 @@ class PipelineConfig(_Strict):
     diffusion: DiffusionConfig | None = None
     generate: GenerateConfig = GenerateConfig()
     denoiser: DenoiserConfig | None = None
+    quality: QualityConfig = QualityConfig()
+    export: ExportConfig = ExportConfig()
+    denoise: DenoiseJobConfig | None = None
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "PipelineConfig":

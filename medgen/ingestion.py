@@ -344,21 +344,36 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def ingest(
+@dataclass
+class IngestPlan:
+    """What an ingest run will do: rows reused unchanged, and the scans to convert.
+
+    Made by `plan_ingest` (survey: reads only files whose size or mtime changed), finished by
+    `finish_ingest` (labels rows, writes manifest and state). Between the two, `convert_unit` runs
+    once per scan to do, in any process: the Prefect flow fans those calls out as tasks.
+    """
+
+    out_dir: Path
+    manifest_path: Path
+    options: IngestOptions
+    key: str
+    index: FileIndex
+    reused: list[dict[str, str]]
+    todo: list[tuple[Unit, str]]  # (scan, scan_id)
+    n_units: int
+    ignored: int
+    t0: float
+
+
+def plan_ingest(
     sources: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
     options: IngestOptions | None = None,
-    workers: int = 1,
     salt: str | None = None,
     force: bool = False,
-    progress: ProgressFn | None = None,
-) -> IngestReport:
-    """Ingest `sources` (files and folders) into `out`. See the module docstring for the layout.
-
-    `workers` > 1 converts scans in that many processes (spawned, so it is safe inside threaded
-    hosts such as Prefect workers). `force` converts every scan again.
-    """
+    pool: cf.Executor | None = None,
+) -> IngestPlan:
     t0 = time.perf_counter()
     options = options or IngestOptions()
     srcs = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(s) for s in sources]
@@ -380,30 +395,98 @@ def ingest(
         for r in read_rows(manifest_path):
             previous.setdefault(_base_id(r["scan_id"]), []).append(r)
 
-    with contextlib.ExitStack() as stack:
-        pool = stack.enter_context(cf.ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())) if workers > 1 else None
-        rows, converted, n_units, ignored = _ingest_units(srcs, out_dir, index, key, previous, options, pool, progress)
+    units, ignored = find_units(srcs, index, pool)
+    reused: list[dict[str, str]] = []
+    todo: list[tuple[Unit, str]] = []
+    for u in units:
+        scan_id = "scan-" + _digest(key, u.key)
+        prev = previous.get(scan_id)
+        if prev and all(r["sha256"] == u.sha256 for r in prev) and all(
+            r["status"] == "rejected" or (out_dir / r["output_path"]).exists() for r in prev
+        ):
+            reused.extend(prev)
+            continue
+        todo.append((u, scan_id))
+    return IngestPlan(out_dir, manifest_path, options, key, index, reused, todo, len(units), ignored, t0)
 
+
+def label_rows(plan: IngestPlan, unit: Unit, converted: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Complete `convert_unit`'s rows with source, hash, pseudonym and split."""
+    for r in converted:
+        accepted = r["status"] == "accepted"
+        r.update(
+            source=unit.source,
+            source_kind=unit.kind if unit.kind != "bad" else "unknown",
+            n_files=str(len(unit.paths)),
+            sha256=unit.sha256,
+            subject_id=unit.subject_id,
+            split=assign_split(unit.subject_id, plan.options.split, plan.options.split_seed) if accepted else "",
+            ingested_at=_now(),
+        )
+    return converted
+
+
+def finish_ingest(plan: IngestPlan, converted_rows: list[dict[str, str]]) -> IngestReport:
+    """Write the manifest (reused + converted rows) and the state; drop volumes no row names."""
+    rows = plan.reused + converted_rows
+    out_dir = plan.out_dir
     # Volumes this directory holds but the new manifest does not name (a scan that vanished or is
     # now rejected) are removed, so volumes/ always matches manifest.csv.
     keep = {r["output_path"] for r in rows if r["output_path"]}
     for f in (out_dir / "volumes").glob("*.nii.gz"):
         if f"volumes/{f.name}" not in keep:
             f.unlink()
-    write_manifest(rows, manifest_path)
-    index.save()
-    write_text_atomic(options_file, options.fingerprint())
+    write_manifest(rows, plan.manifest_path)
+    plan.index.save()
+    write_text_atomic(out_dir / STATE_DIR / "options.json", plan.options.fingerprint())
     return IngestReport(
         out_dir=out_dir,
-        manifest_path=manifest_path,
+        manifest_path=plan.manifest_path,
         rows=sorted(rows, key=lambda r: r["scan_id"]),
-        converted=converted,
-        reused=n_units - converted,
-        files_read=index.files_read,
-        files_ignored=ignored,
-        seconds=time.perf_counter() - t0,
-        source_bytes=index.bytes_read,
+        converted=len(plan.todo),
+        reused=plan.n_units - len(plan.todo),
+        files_read=plan.index.files_read,
+        files_ignored=plan.ignored,
+        seconds=time.perf_counter() - plan.t0,
+        source_bytes=plan.index.bytes_read,
     )
+
+
+def ingest(
+    sources: str | Path | Sequence[str | Path],
+    out: str | Path,
+    *,
+    options: IngestOptions | None = None,
+    workers: int = 1,
+    salt: str | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> IngestReport:
+    """Ingest `sources` (files and folders) into `out`. See the module docstring for the layout.
+
+    `workers` > 1 converts scans in that many processes (spawned, so it is safe inside threaded
+    hosts such as Prefect workers). `force` converts every scan again.
+    """
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(cf.ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())) if workers > 1 else None
+        if progress:
+            progress("survey", 0, 1)
+        plan = plan_ingest(sources, out, options=options, salt=salt, force=force, pool=pool)
+        if progress:
+            progress("survey", 1, 1)
+            progress("convert", 0, len(plan.todo))
+        opts, out_dir = plan.options, str(plan.out_dir)
+        if pool is not None and len(plan.todo) > 1:
+            futures = {pool.submit(convert_unit, u, sid, out_dir, opts): u for u, sid in plan.todo}
+            results = ((futures[f], f.result()) for f in cf.as_completed(futures))
+        else:
+            results = ((u, convert_unit(u, sid, out_dir, opts)) for u, sid in plan.todo)
+        rows: list[dict[str, str]] = []
+        for done, (u, converted) in enumerate(results, 1):
+            rows.extend(label_rows(plan, u, converted))
+            if progress:
+                progress("convert", done, len(plan.todo))
+    return finish_ingest(plan, rows)
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
@@ -412,63 +495,3 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     if sys.platform == "linux" and threading.active_count() == 1:
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
-
-
-def _ingest_units(
-    srcs: Sequence[Path],
-    out_dir: Path,
-    index: FileIndex,
-    key: str,
-    previous: dict[str, list[dict[str, str]]],
-    options: IngestOptions,
-    pool: cf.Executor | None,
-    progress: ProgressFn | None,
-) -> tuple[list[dict[str, str]], int, int, int]:
-    """Survey, then convert what changed. Returns (rows, converted, units found, files ignored)."""
-    if progress:
-        progress("survey", 0, 1)
-    units, ignored = find_units(srcs, index, pool)
-    if progress:
-        progress("survey", 1, 1)
-
-    rows: list[dict[str, str]] = []
-    todo: list[tuple[Unit, str]] = []
-    for u in units:
-        scan_id = "scan-" + _digest(key, u.key)
-        prev = previous.get(scan_id)
-        if prev and all(r["sha256"] == u.sha256 for r in prev) and all(
-            r["status"] == "rejected" or (out_dir / r["output_path"]).exists() for r in prev
-        ):
-            rows.extend(prev)
-            continue
-        todo.append((u, scan_id))
-
-    def finish(u: Unit, scan_id: str, converted: list[dict[str, str]]) -> None:
-        subject = u.subject_id
-        for r in converted:
-            accepted = r["status"] == "accepted"
-            r.update(
-                source=u.source,
-                source_kind=u.kind if u.kind != "bad" else "unknown",
-                n_files=str(len(u.paths)),
-                sha256=u.sha256,
-                subject_id=subject,
-                split=assign_split(subject, options.split, options.split_seed) if accepted else "",
-                ingested_at=_now(),
-            )
-            rows.append(r)
-
-    if progress:
-        progress("convert", 0, len(todo))
-    if pool is not None and len(todo) > 1:
-        futures = {pool.submit(convert_unit, u, sid, str(out_dir), options): (u, sid) for u, sid in todo}
-        results = ((futures[f], f.result()) for f in cf.as_completed(futures))
-    else:
-        results = (((u, sid), convert_unit(u, sid, str(out_dir), options)) for u, sid in todo)
-    for done, ((u, sid), converted) in enumerate(results, 1):
-        finish(u, sid, converted)
-        if progress:
-            progress("convert", done, len(todo))
-    return rows, len(todo), len(units), ignored
-
-

@@ -74,14 +74,18 @@ def generate(
     device: str | torch.device | None = None,
     decode_roi: tuple[int, int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    indices: list[int] | None = None,
 ) -> list[Volume]:
     """`n` synthetic volumes in the model's geometry (spacing, affine) and units (HU for CT).
 
     `sampler`: 'ddpm' or 'ddim' for a model trained with ddpm/ddim, 'rflow' for rectified flow;
-    None uses the model's own. Sample i for a seed is the same whatever `batch_size`.
+    None uses the model's own. Sample i for a seed is the same whatever `batch_size`, and whatever
+    other samples are generated with it: `indices` picks which samples (default 0..n-1), so a set
+    can be generated in parallel pieces.
     """
-    if n < 1 or batch_size < 1 or steps < 1:
-        raise ValueError("n, batch_size and steps must be >= 1")
+    indices = list(range(n)) if indices is None else list(indices)
+    if n < 1 or batch_size < 1 or steps < 1 or len(indices) != n or min(indices) < 0:
+        raise ValueError("n, batch_size and steps must be >= 1, indices n non-negative sample numbers")
     dev = torch.device(device) if device is not None else next(generator.unet.parameters()).device
     generator.autoencoder.to(dev)
     generator.unet.to(dev)
@@ -90,7 +94,7 @@ def generate(
     affine = generator.affine
     out: list[Volume] = []
     for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
+        idx = indices[start : start + batch_size]
         gens = [sample_generator(seed, i, dev) for i in idx]
         z = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
         z = denoise_latents(generator, z, gens, sampler, steps)

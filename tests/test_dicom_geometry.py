@@ -94,7 +94,7 @@ def test_generated_series_match_the_volume_written(generated_series, name):
     base, cases = generated_series
     written = cases[name][0]
     vol = load_volume(base / name)
-    # CT values are whole HU and come back exactly; MR is stored as uint16 with a rescale slope.
+    # CT values are whole HU and come back exactly; MR is stored as int16 with a rescale slope.
     atol = 0.01 if written.meta.modality == "MR" else 0.0
     assert_same_voxels(vol, written.affine, written.data.astype(np.float64), atol=atol)
 

@@ -301,8 +301,10 @@ def test_cli_trains_and_generates(manifest, tmp_path):
         assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["generate", str(tmp_path / "run" / "generator"), "--n", "2", "--out", str(tmp_path / "syn"), "--steps", "3"])
     assert r.exit_code == 0, r.output
-    vols = [load_volume(p) for p in sorted((tmp_path / "syn").glob("*.nii.gz"))]
+    vols = [load_volume(p) for p in sorted((tmp_path / "syn" / "volumes").glob("*.nii.gz"))]
     assert len(vols) == 2 and vols[0].shape == (16, 16, 16)
+    record = json.loads((tmp_path / "syn" / "synthesis.json").read_text())
+    assert record["steps"] == 3 and [v["name"] for v in record["volumes"]] == ["synthetic_0000", "synthetic_0001"]
 
 
 def test_preprocessing_with_spawned_workers_matches_serial(manifest, tmp_path):

@@ -83,6 +83,7 @@ def train_diffusion(
         units="HU" if data_cfg.intensity.kind == "ct_window" else "a.u.",
         provenance={
             "training_manifest_sha256": manifest_sha,
+            "training_manifest": str(Path(manifest).resolve()),  # where validation finds the real reference volumes
             "train_items": [{"scan_id": i["scan_id"], "sha256": i["sha256"]} for i in train.items],
             "autoencoder_metrics": stage1.metrics,
             "config_name": cfg.name,

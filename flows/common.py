@@ -1,0 +1,72 @@
+"""What the flows share: config loading, the task runner, content-keyed caching, the GPU limit.
+
+Caching. Prefect's default cache policy includes the flow-run id, so nothing would be reused
+across scheduled runs, and its INPUTS policy hashes a path string, not the file behind it. Every
+cached task here gets a key built from content hashes (files, model folders, manifests) and config
+hashes instead, and is called with `refresh_cache=True` when the output it promises is missing,
+so a deleted output is rebuilt rather than served from the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from medgen.config import PipelineConfig, load_config
+from medgen.provenance import sha256_json
+
+KEY_PARAM = "cache_key"  # every cached task takes its precomputed key as this parameter
+
+
+def by_key(context: Any, parameters: dict[str, Any]) -> str:
+    """cache_key_fn: the key the flow computed from content and config hashes."""
+    return str(parameters[KEY_PARAM])
+
+
+def cached(key_parts: dict[str, Any]) -> str:
+    return sha256_json(key_parts)[:32]
+
+
+def config(path: str | Path) -> PipelineConfig:
+    return load_config(path)
+
+
+def section_hash(cfg: PipelineConfig, *names: str) -> str:
+    return sha256_json({n: json.loads(getattr(cfg, n).model_dump_json()) if getattr(cfg, n) is not None else None for n in names})
+
+
+def file_sha(path: str | Path) -> str:
+    from medgen.provenance import sha256_file
+
+    return sha256_file(path)
+
+
+def task_runner(cfg: PipelineConfig):
+    """The configured task runner: Prefect's default (threads), or Dask (an existing scheduler at
+    `dask_address`, else a local cluster of `dask_workers` processes)."""
+    o = cfg.orchestration
+    if o.task_runner != "dask":
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if o.dask_address:
+        return DaskTaskRunner(address=o.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": o.dask_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+
+
+def ensure_gpu_limit(slots: int, name: str = "gpu") -> None:
+    """Create the global concurrency limit `gpu` when the server has none (an existing one, set by
+    whoever runs the server, is left as it is)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+
+
+__all__ = ["KEY_PARAM", "by_key", "cached", "config", "section_hash", "file_sha", "task_runner", "ensure_gpu_limit"]

@@ -1,0 +1,168 @@
+"""Export the volumes of a validated run that passed the gate, as NIfTI or DICOM, with provenance.
+
+    OUT/<name>.nii.gz  + OUT/<name>.provenance.json          (--format nifti)
+    OUT/<name>/NNNN.dcm + OUT/<name>.provenance.json          (--format dicom)
+    OUT/export.json                                           what this export wrote, and from where
+
+Rules:
+- Only volumes that passed, from a batch that passed. A failed batch exports nothing.
+- Atomic: every file is written under a hidden temporary name and renamed; a DICOM series is
+  assembled in a hidden temporary folder and renamed into place whole. The sidecar is written
+  after its volume, so a visible sidecar means a complete export of that volume. An export killed
+  midway leaves only hidden `.*.partial-*` entries, which the next export removes.
+- Idempotent: UIDs derive from the generator and volume hashes (pydicom's `generate_uid` with those
+  as entropy), dates from the run's creation time, so exporting the same batch twice writes the
+  same bytes under the same names and never a second copy.
+- Nothing from a source scan: the volume is generated, the DICOM patient fields are dummies
+  (PatientIdentityRemoved YES), and the sidecar holds hashes only (no pseudonyms, no paths).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from medgen.errors import MedgenError
+from medgen.io.atomic import TMP_MARK, write_text_atomic
+from medgen.provenance import code_version, sha256_json
+from medgen.volume import VolumeMeta
+
+ExportFormat = Literal["nifti", "dicom"]
+
+
+class ExportError(MedgenError):
+    """An export refused: the run is not validated, its batch failed, or the target is unusable."""
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: str
+    exported: list[str]
+    skipped: list[str]  # failed the gate
+
+
+def _clean_partials(out: Path) -> None:
+    for p in out.iterdir():
+        if p.name.startswith(".") and TMP_MARK in p.name:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished folder into place; a reader sees the old folder or the new one, never half."""
+    old = final.with_name(f".{final.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sidecar(name: str, vol, entry, record, report: dict, report_sha: str, gen_prov: dict, fmt: str, files: list[str]) -> dict:
+    created = record.created
+    doc = {
+        "format": "medgen-provenance",
+        "format_version": 1,
+        "synthetic": True,
+        "volume": {
+            "name": name,
+            "sha256": entry.sha256,
+            "shape": list(vol.shape),
+            "spacing_mm": [round(s, 6) for s in vol.spacing],
+            "modality": vol.meta.modality,
+            "units": vol.meta.units,
+            "created": created,
+        },
+        "generator": {
+            "sha256": record.generator_sha256,
+            "config_sha256": gen_prov["config_sha256"],
+            "config_name": gen_prov.get("config_name"),
+            "training_manifest_sha256": gen_prov["training_manifest_sha256"],
+        },
+        "sampling": {"sampler": record.sampler, "steps": record.steps, "seed": record.seed, "index": entry.index},
+        "code_version": record.code_version,
+        "quality": {
+            "verdict": "pass",
+            "batch_verdict": "pass",
+            "report_sha256": report_sha,
+            "encoder_id": report["encoder_id"],
+            "checks": next(v["checks"] for v in report["volumes"] if v["name"] == name),
+            "realism": report["realism"],
+            "diversity": report["diversity"],
+        },
+        "export": {"format": fmt, "files": files},
+    }
+    return doc
+
+
+def export_run(run: str | Path, out: str | Path, fmt: ExportFormat = "nifti") -> ExportResult:
+    """Export the passing volumes of validated run `run` into `out`."""
+    import jsonschema
+
+    from medgen.io.dicom_write import write_series
+    from medgen.io.nifti import read_nifti
+    from medgen.manifest import schema
+    from medgen.provenance import sha256_file
+    from medgen.synthesis import read_record
+    from medgen.validate import QUALITY_DIR, REPORT, _generator_meta, read_report
+
+    if fmt not in ("nifti", "dicom"):
+        raise ExportError(f"unknown export format {fmt!r} (nifti or dicom)")
+    run, out = Path(run), Path(out)
+    report = read_report(run)
+    record = read_record(run)
+    if not report["batch"]["passed"]:
+        raise ExportError(f"{run}: the batch failed the gate ({'; '.join(report['batch']['reasons'])}); nothing exported")
+    report_sha = sha256_file(run / QUALITY_DIR / REPORT)
+    gen_meta = _generator_meta(Path(record.generator))
+    gen_prov = gen_meta.get("provenance", {})
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_partials(out)
+    verdicts = {v["name"]: v for v in report["volumes"]}
+    created = dt.datetime.fromisoformat(record.created)
+    exported, skipped = [], []
+    for entry in record.volumes:
+        if not verdicts[entry.name]["passed"]:
+            skipped.append(entry.name)
+            continue
+        vol = read_nifti(run / entry.file)[0]
+        # the file name carries no modality hint: the generator's metadata says what it makes
+        vol = vol.replace(meta=VolumeMeta(modality=gen_meta["modality"], units=gen_meta["units"]))
+        name = entry.name
+        if fmt == "nifti":
+            vol.to_nifti(out / f"{name}.nii.gz")
+            files = [f"{name}.nii.gz"]
+        else:
+            tmp = out / f".{name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+            paths = write_series(
+                vol,
+                tmp,
+                modality=vol.meta.modality if vol.meta.modality in ("CT", "MR") else "MR",
+                series_description=f"medgen synthetic {name}",
+                uid_seed=f"medgen-export:{record.generator_sha256}:{entry.sha256}",
+                deidentified=True,
+                content_datetime=created,
+            )
+            _replace_dir(tmp, out / name)
+            files = [f"{name}/{p.name}" for p in paths]
+        doc = _sidecar(name, vol, entry, record, report, report_sha, gen_prov, fmt, files)
+        jsonschema.validate(doc, schema("provenance"))
+        write_text_atomic(out / f"{name}.provenance.json", json.dumps(doc, indent=1, sort_keys=True))
+        exported.append(name)
+    index = {
+        "format": "medgen-export",
+        "export_format": fmt,
+        "generator_sha256": record.generator_sha256,
+        "report_sha256": report_sha,
+        "run_id": sha256_json(record.model_dump(mode="json"))[:16],
+        "exported": exported,
+        "not_exported_failed_gate": skipped,
+        "code_version": code_version(),
+    }
+    write_text_atomic(out / "export.json", json.dumps(index, indent=1, sort_keys=True))
+    return ExportResult(out=out, format=fmt, exported=exported, skipped=skipped)
