@@ -1,7 +1,6 @@
 # The two commands of the README. Each installs what it needs first (scripts/install.sh), so they
 # work on a machine with nothing but python3.
 VENV ?= .venv
-DEMO_DIR ?= demo_run
 
 .PHONY: demo test install bench clean
 
@@ -12,7 +11,7 @@ $(VENV)/.installed-%: pyproject.toml scripts/install.sh
 install: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed-test
-	$(VENV)/bin/medgen demo --out $(DEMO_DIR)
+	$(VENV)/bin/python -m flows.pipeline configs/demo.yaml
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -q
@@ -20,6 +19,8 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(VENV)/bin/python benchmarks/ingest.py
 	$(VENV)/bin/python benchmarks/train_ldm.py
+	$(VENV)/bin/python benchmarks/metrics_validity.py
+	$(VENV)/bin/python benchmarks/pipeline.py
 
 clean:
-	rm -rf $(DEMO_DIR) .pytest_cache
+	rm -rf demo_run .pytest_cache

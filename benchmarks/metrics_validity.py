@@ -84,23 +84,31 @@ def main() -> None:
     rng = np.random.default_rng(0)
     sets = corruptions(held, train, rng)
     base = realism(held, ref)
-    header = f"{'set':<28}" + "".join(f"{m:>13}" for m in METRICS) + f"{'memorized':>11}"
+    header = f"{'set':<28}" + "".join(f"{m:>13}" for m in METRICS) + f"{'memorized':>12}"
 
-    def memorized(x: np.ndarray) -> int:
+    def memorized(x: np.ndarray) -> tuple[int, float, float]:
+        """(volumes flagged as memorized, highest NCC and feature cosine to a training volume)."""
         res = assess(x, [f"v{i}" for i in range(len(x))], ref, gate)
-        return sum(any(r.startswith("memorized") for r in v.reasons) for v in res.volumes)
+        flagged = sum(any(r.startswith("memorized") for r in v.reasons) for v in res.volumes)
+        return flagged, max(v.checks["nearest_ncc"] for v in res.volumes), max(v.checks["nearest_feature_cosine"] for v in res.volumes)
 
+    def row(name: str, r: dict, mem: tuple[int, float, float], n: int) -> str:
+        return f"{name:<28}" + "".join(f"{r[m]:>13.4g}" for m in METRICS) + f"{mem[0]:>8}/{n:<3}{mem[1]:>9.4f}{mem[2]:>9.4f}"
+
+    header += f"{'max NCC':>9}{'max cos':>9}"
     print(header)
     print("-" * len(header))
-    flagged = {"held-out real": memorized(held)}
-    print(f"{'held-out real':<28}" + "".join(f"{base[m]:>13.4g}" for m in METRICS) + f"{flagged['held-out real']:>8}/{len(held)}")
+    mem = memorized(held)
+    flagged = {"held-out real": mem[0]}
+    print(row("held-out real", base, mem, len(held)))
     ok = True
     for family, levels in sets.items():
         prev = base
         for name, x in levels:
             r = realism(x, ref)
-            flagged[name] = memorized(x)
-            print(f"{name:<28}" + "".join(f"{r[m]:>13.4g}" for m in METRICS) + f"{flagged[name]:>8}/{len(x)}")
+            mem = memorized(x)
+            flagged[name] = mem[0]
+            print(row(name, r, mem, len(x)))
             if family != "copies":
                 for m in METRICS:
                     if not r[m] > prev[m]:

@@ -305,116 +305,15 @@ def denoise(
 
     vol = load_volume(scan)
     r = denoise_detailed(vol, model=model, sigma=sigma, noise=noise.value, method=method.value, n_samples=n_samples, seed=seed, device=device)
+    from medgen.denoise_batch import write_denoised
+
     console = _console()
     is_nifti_out = out.name.endswith((".nii", ".nii.gz"))
-    if vol.meta.source is not None and vol.meta.source.kind == "dicom" and not is_nifti_out:
-        from medgen.io.dicom_write import write_series
-
-        ids = vol.meta.source.identifiers
-        # A denoised scan is the same patient's scan: it keeps the patient and study, gets a new series.
-        paths = write_series(
-            r.volume,
-            out,
-            modality=vol.meta.modality if vol.meta.modality in ("CT", "MR") else "MR",
-            patient={k: ids[k] for k in ("PatientName", "PatientID", "PatientBirthDate") if ids.get(k)},
-            study_uid=ids.get("StudyInstanceUID") or None,
-            series_description="medgen denoised",
-            image_type=("DERIVED", "SECONDARY"),
-        )
-        console.print(f"{len(paths)} DICOM files -> {out} (new series, ImageType DERIVED\\SECONDARY)")
-    else:
-        target = out if is_nifti_out else out / "denoised.nii.gz"
-        r.volume.to_nifti(target)
-        if r.std is not None:
-            r.std.to_nifti(target.with_name(target.name.replace(".nii", "_std.nii")))
-        console.print(f"-> {target}")
+    to_dicom = vol.meta.source is not None and vol.meta.source.kind == "dicom" and not is_nifti_out
+    nifti = None if to_dicom else (out if is_nifti_out else out / "denoised.nii.gz")
+    for p in write_denoised(vol, r.volume, r.std, nifti=nifti, dicom=out if to_dicom else None):
+        console.print(f"-> {p}" + (" (new DICOM series, ImageType DERIVED\\SECONDARY)" if p == out and to_dicom else ""))
     console.print(f"sigma {r.sigma:.4g} {vol.meta.units} ({'estimated' if r.sigma_estimated else 'given'}), method {method.value}")
-
-
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("demo_run"),
-    config: Annotated[Path, typer.Option("--config", "-c", help="Demo config (CPU, minutes).")] = Path("configs/demo.yaml"),
-    workers: Annotated[int, typer.Option(help="Processes for ingestion.")] = 1,
-    n: Annotated[int, typer.Option("--n", help="Synthetic volumes to generate.")] = 4,
-) -> None:
-    """The main job on the bundled sample data, on CPU: sample data -> ingest -> train the small
-    latent diffusion model -> generate -> validate (the gate) -> export NIfTI and DICOM."""
-    import time
-
-    from medgen.sample_data import build_sample_data
-    from medgen.train.autoencoder import train_autoencoder
-    from medgen.train.ldm import train_diffusion
-
-    if not config.exists():
-        raise typer.BadParameter(f"{config} not found: run from the repository root or pass --config", param_hint="--config")
-    cfg = _load_config(config)
-    console = _console()
-    times: dict[str, float] = {}
-    t = time.perf_counter()
-    console.rule("[bold]1/5 sample data")
-    build_sample_data(out / "sample_data")
-    console.print(f"sample data in {out / 'sample_data'} (see its README.md)")
-    times["sample data"] = time.perf_counter() - t
-    console.rule("[bold]2/5 ingest")
-    t = time.perf_counter()
-    ing = cfg.ingest
-    report = _run_ingest(
-        [out / "sample_data"], out / "ingest", workers=workers, frames=ing.frames if ing else "error",
-        localizers=ing.localizers if ing else "drop", salt=ing.salt if ing else None, force=False,
-    )
-    times["ingest"] = time.perf_counter() - t
-    if not report.accepted:
-        raise typer.Exit(code=1)
-    run = out / "ldm"
-    console.rule("[bold]3/5 train autoencoder")
-    t = time.perf_counter()
-    train_autoencoder(cfg, report.manifest_path, run, device="cpu")
-    times["train autoencoder"] = time.perf_counter() - t
-    console.rule("[bold]4/5 train diffusion")
-    t = time.perf_counter()
-    bundle = train_diffusion(cfg, report.manifest_path, run, device="cpu")
-    times["train diffusion"] = time.perf_counter() - t
-    console.rule("[bold]5/6 generate")
-    t = time.perf_counter()
-    g = cfg.generate
-    _run_generate(bundle, n, out / "synthetic", g.sampler, g.steps, 0, g.batch_size, "cpu")
-    times["generate"] = time.perf_counter() - t
-    console.rule("[bold]6/6 validate and export")
-    t = time.perf_counter()
-    from medgen.export import ExportError, export_run
-    from medgen.validate import validate_run
-
-    v = validate_run(out / "synthetic", quality=cfg.quality)
-    print_validation(v, console)
-    try:
-        for fmt in ("nifti", "dicom"):
-            r = export_run(out / "synthetic", out / "export" / fmt, fmt)
-            console.print(f"exported {len(r.exported)} volume(s) as {fmt} -> {r.out}")
-    except ExportError as e:
-        console.print(f"[red]{e}")
-    times["validate + export"] = time.perf_counter() - t
-    _print_demo_summary(console, out, run, bundle, times)
-
-
-def _print_demo_summary(console, out: Path, run: Path, bundle: Path, times: dict[str, float]) -> None:
-    import json
-
-    from rich.table import Table
-
-    stage = json.loads((run / "autoencoder" / "stage.json").read_text())
-    table = Table(title="demo run")
-    table.add_column("stage")
-    table.add_column("seconds", justify="right")
-    for k, v in times.items():
-        table.add_row(k, f"{v:.1f}")
-    console.print(table)
-    m = stage["metrics"]
-    console.print(
-        f"autoencoder reconstruction on {stage['validated_on']}: PSNR {m['psnr']:.1f} dB, SSIM {m['ssim']:.3f}; "
-        f"latent scale factor {stage['scale_factor']:.3f}"
-    )
-    console.print(f"generator bundle: {bundle}\nsynthetic volumes: {out / 'synthetic'}\nloss curves: {run}/*/loss_curve.png")
 
 
 def main() -> None:

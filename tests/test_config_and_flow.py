@@ -35,17 +35,13 @@ def test_bad_configs_name_the_file_and_field(tmp_path, change, message):
     assert str(path) in str(info.value) and message in str(info.value)
 
 
-def test_ingest_flow_runs_and_second_run_reuses_everything(tmp_path, sample_dir):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_ingest_flow_runs_and_second_run_reuses_everything(tmp_path, sample_dir, prefect_harness):
     from flows.ingest import ingest_flow
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"ingest": {"sources": [str(sample_dir)], "out": str(tmp_path / "out")}}))
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    with prefect_test_harness():
-        first = ingest_flow(str(cfg))
-        second = ingest_flow(str(cfg))
+    first = ingest_flow(str(cfg))
+    second = ingest_flow(str(cfg))
     assert first["accepted"] == 22 and first["converted"] == first["accepted"] + first["rejected"]
     assert second["converted"] == 0 and second["reused"] == first["converted"]
     assert Path(first["manifest"]).exists()

@@ -82,7 +82,7 @@ def build_reference(train: np.ndarray, heldout: np.ndarray, train_ids: list[str]
         histogram_w1=float(max(ho_w1.max(), 1e-3) * gate.histogram_factor),
         radiomics_z=float(ho_rz.max() * gate.radiomics_factor) if gate.radiomics_factor is not None else None,
         ncc=calibrate(ho_ncc, gate.memorization_quantile, gate.memorization_margin),
-        feature_cosine=calibrate(ho_cos, gate.memorization_quantile, gate.memorization_margin),
+        feature_cosine=calibrate(ho_cos, gate.memorization_quantile, gate.feature_margin),
     )
     ref = Reference(
         train=train, heldout=heldout, train_ids=list(train_ids), encoder=encoder, train_features=tf, heldout_features=hf,

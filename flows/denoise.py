@@ -1,0 +1,61 @@
+"""The denoise flow: a folder or manifest of scans through `medgen.denoise`, one task per scan.
+
+    python -m flows.denoise configs/demo.yaml
+
+Scans come from the config's `denoise.sources` (NIfTI files, DICOM folders, manifest.csv files).
+Each task is cached on the scan's content hash, the score model's hash and the denoising settings:
+a re-run denoises only new or changed scans (and any whose output was deleted). With
+`orchestration.task_runner: dask` the tasks run on the Dask cluster.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.common import KEY_PARAM, by_key, cached, config
+
+
+@task(cache_key_fn=by_key, persist_result=True, retries=2, retry_delay_seconds=[2, 10], task_run_name="denoise {ref.name}")
+def denoise_task(ref, out_dir: str, settings: dict, cache_key: str) -> dict:
+    """A scan that cannot be read is a result (reported, the batch goes on), not a failure to retry."""
+    from medgen.denoise_batch import denoise_scan
+    from medgen.errors import InputError
+
+    try:
+        return denoise_scan(ref, out_dir, **settings)
+    except InputError as e:
+        return {"scan": ref.name, "error": f"{e.code}: {e}"}
+
+
+def run_denoise(config_path: str, out: str | None = None) -> list[dict]:
+    from medgen.denoise_batch import find_scans
+    from medgen.models.score import default_model_path
+    from medgen.provenance import model_folder_sha256
+
+    cfg = config(config_path)
+    cfg.require("denoise")
+    job = cfg.denoise
+    out_dir = Path(out or job.out)
+    model = job.model or default_model_path()
+    settings = {"model": str(model), "sigma": job.sigma, "noise": job.noise, "method": job.method, "n_samples": job.n_samples, "seed": job.seed}
+    model_sha = model_folder_sha256(model)
+    futures = []
+    for ref in find_scans([str(s) for s in job.sources]):
+        key = cached({"task": "denoise", "scan": ref.content_sha256(), "model": model_sha, "settings": settings, "out": str(out_dir.resolve()), "name": ref.name})
+        done = (out_dir / f"{ref.name}_denoised.nii.gz").exists()
+        futures.append(denoise_task.with_options(refresh_cache=not done).submit(ref, str(out_dir), settings, **{KEY_PARAM: key}))
+    return [f.result() for f in futures]
+
+
+@flow(name="medgen-denoise", log_prints=True)
+def denoise_flow(config_path: str, out: str | None = None) -> list[dict]:
+    return run_denoise(config_path, out)
+
+
+if __name__ == "__main__":
+    from flows.ingest import with_runner
+
+    print(with_runner(denoise_flow, sys.argv[1])(sys.argv[1]))

@@ -1,0 +1,126 @@
+"""The synthesize flow: generate -> validate -> export only what passes the gate.
+
+    python -m flows.synthesize configs/demo.yaml demo_run/ldm/generator
+
+Generation fans out: sample i depends only on (seed, i), so chunks of `generate.chunk` indices
+are independent tasks (on Dask when configured) that write their own files; the run record is
+written after all of them. Every step is cached on content: the generator folder's hash and the
+generation settings for volumes and record, the record's and the training manifest's hashes plus
+the quality config for validation, the report's hash for export. A re-run with nothing new
+generates, validates and exports nothing; export is idempotent anyway (same bytes, same names).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.common import KEY_PARAM, by_key, cached, config, file_sha, section_hash
+
+
+@task(cache_key_fn=by_key, persist_result=True, retries=1, task_run_name="generate {indices}")
+def generate_task(generator: str, indices: list[int], out: str, sampler: str, steps: int, seed: int, batch_size: int, cache_key: str) -> list[dict]:
+    from medgen.synthesis import generate_volumes
+
+    entries = generate_volumes(generator, indices, out, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size)
+    return [e.model_dump() for e in entries]
+
+
+@task(cache_key_fn=by_key, persist_result=True, retries=2, retry_delay_seconds=[2, 10])
+def record_task(out: str, generator: str, entries: list[dict], sampler: str, steps: int, seed: int, cache_key: str) -> str:
+    from medgen.synthesis import SynthVolume, write_record
+
+    write_record(out, generator, [SynthVolume(**e) for e in entries], sampler=sampler, steps=steps, seed=seed)
+    return out
+
+
+@task(cache_key_fn=by_key, persist_result=True, retries=2, retry_delay_seconds=[2, 10])
+def validate_task(run: str, config_path: str, cache_key: str) -> dict:
+    """Returns the gate's verdict summary; the report files are in RUN/quality/."""
+    from medgen.validate import validate_run
+
+    v = validate_run(run, quality=config(config_path).quality)
+    r = v.result
+    return {
+        "report": str(v.report_path),
+        "markdown": str(v.report_path.parent / "report.md"),
+        "passed": r.passed,
+        "reasons": r.reasons,
+        "passing": r.passing,
+        "failing": {x.name: x.reasons for x in r.volumes if not x.passed},
+        "realism": r.realism,
+        "realism_heldout_real": r.heldout_realism,
+        "diversity": r.diversity,
+    }
+
+
+@task(cache_key_fn=by_key, persist_result=True, retries=2, retry_delay_seconds=[2, 10], task_run_name="export {fmt}")
+def export_task(run: str, out: str, fmt: str, cache_key: str) -> dict:
+    """Idempotent (Dask may re-run a finished task when a worker dies): same files, same bytes."""
+    from medgen.export import export_run
+
+    r = export_run(run, out, fmt)  # type: ignore[arg-type]
+    return {"out": str(r.out), "format": r.format, "exported": r.exported, "not_exported": r.skipped}
+
+
+def run_synthesize(config_path: str, generator: str, out: str | None = None) -> dict:
+    from medgen.provenance import model_folder_sha256
+    from medgen.synthesis import RECORD, model_sampler
+
+    cfg = config(config_path)
+    g = cfg.generate
+    run = Path(out or cfg.orchestration.run_dir / "synthetic")
+    sampler = model_sampler(generator, g.sampler)
+    gen_sha = model_folder_sha256(generator)
+    settings = {"generator": gen_sha, "sampler": sampler, "steps": g.steps, "seed": g.seed, "out": str(run.resolve())}
+    chunks = [list(range(i, min(g.n, i + g.chunk))) for i in range(0, g.n, g.chunk)]
+    futures = []
+    for idx in chunks:
+        missing = any(not (run / "volumes" / f"synthetic_{i:04d}.nii.gz").exists() for i in idx)
+        key = cached({"task": "generate", **settings, "indices": idx})
+        futures.append(
+            generate_task.with_options(refresh_cache=missing).submit(
+                generator, idx, str(run), sampler, g.steps, g.seed, g.batch_size, **{KEY_PARAM: key}
+            )
+        )
+    entries = [e for f in futures for e in f.result()]
+    rec_key = cached({"task": "record", **settings, "volumes": sorted(e["sha256"] for e in entries)})
+    record_task.with_options(refresh_cache=not (run / RECORD).exists())(
+        str(run), generator, entries, sampler, g.steps, g.seed, **{KEY_PARAM: rec_key}
+    )
+    meta_manifest = _training_manifest(generator)
+    v_key = cached({
+        "task": "validate", "record": file_sha(run / RECORD), "quality": section_hash(cfg, "quality"),
+        "manifest": file_sha(meta_manifest) if meta_manifest and Path(meta_manifest).exists() else None,
+    })
+    verdict = validate_task.with_options(refresh_cache=not (run / "quality" / "report.json").exists())(str(run), config_path, **{KEY_PARAM: v_key})
+    exports = []
+    if verdict["passed"]:
+        report_sha = file_sha(run / "quality" / "report.json")
+        for fmt in cfg.export.formats:
+            dest = cfg.orchestration.run_dir / "export" / fmt if out is None else run.parent / "export" / fmt
+            e_key = cached({"task": "export", "report": report_sha, "format": fmt, "out": str(dest.resolve())})
+            exports.append(
+                export_task.with_options(refresh_cache=not (dest / "export.json").exists())(str(run), str(dest), fmt, **{KEY_PARAM: e_key})
+            )
+    return {"run": str(run), "verdict": verdict, "exports": exports}
+
+
+def _training_manifest(generator: str) -> str | None:
+    import json
+
+    meta = json.loads((Path(generator) / "configs" / "metadata.json").read_text())
+    return meta.get("provenance", {}).get("training_manifest")
+
+
+@flow(name="medgen-synthesize", log_prints=True)
+def synthesize_flow(config_path: str, generator: str, out: str | None = None) -> dict:
+    return run_synthesize(config_path, generator, out)
+
+
+if __name__ == "__main__":
+    from flows.ingest import with_runner
+
+    print(with_runner(synthesize_flow, sys.argv[1])(sys.argv[1], sys.argv[2]))

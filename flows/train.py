@@ -1,0 +1,109 @@
+"""The train flow: autoencoder, then latent diffusion, each a `torchrun` subprocess.
+
+    python -m flows.train configs/demo.yaml demo_run/ingest/manifest.csv
+
+- A subprocess, not an in-process call: DataLoader workers forked inside Prefect's threaded
+  process can hang, and torchrun is how the same step scales to `nproc_per_node` GPUs and several
+  nodes (orchestration.torchrun in the config).
+- Recovery by resuming: the training loop checkpoints atomically and resumes from the last
+  checkpoint of its run folder, so a retried task (a crash, a preempted node) continues where it
+  stopped instead of starting over.
+- Cached on content: a stage's key hashes its config sections and the content hashes of the
+  manifest rows it trains on (and, for diffusion, the autoencoder's key). Nothing new: both stages
+  are cache hits. A new training scan or a changed section: the stages that depend on it re-run.
+- GPU: a stage on CUDA holds `nproc_per_node` slots of the global concurrency limit `gpu`, so
+  two trainings never share one card.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.common import KEY_PARAM, by_key, cached, config, ensure_gpu_limit, section_hash
+
+
+def stage_keys(config_path: str, manifest: str, run_dir: str) -> dict[str, str]:
+    from medgen.data import manifest_items
+
+    cfg = config(config_path)
+    cfg.require("data", "autoencoder", "diffusion")
+    data = cfg.data
+    items = {
+        "train": [(i["scan_id"], i["sha256"]) for i in manifest_items(manifest, data)],
+        "val": [(i["scan_id"], i["sha256"]) for i in manifest_items(manifest, data, data.val_splits)],
+    }
+    ae = cached({"stage": "autoencoder", "sections": section_hash(cfg, "data", "autoencoder"), "items": items, "run": str(Path(run_dir).resolve())})
+    dm = cached({"stage": "diffusion", "autoencoder": ae, "sections": section_hash(cfg, "diffusion")})
+    return {"autoencoder": ae, "diffusion": dm}
+
+
+def _device(cfg) -> str:
+    import torch
+
+    return cfg.orchestration.torchrun.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@task(cache_key_fn=by_key, persist_result=True, retries=2, retry_delay_seconds=[5, 30], task_run_name="train {stage}", log_prints=True)
+def train_stage_task(stage: str, config_path: str, manifest: str, run_dir: str, cache_key: str) -> str:
+    """One stage as `python -m torch.distributed.run ... -m medgen train STAGE`; returns its folder."""
+    from prefect.concurrency.sync import concurrency
+
+    cfg = config(config_path)
+    t = cfg.orchestration.torchrun
+    device = _device(cfg)
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={t.nproc_per_node}"]
+    if t.nnodes == 1:
+        launcher.append("--standalone")  # a free local rendezvous port: parallel CPU trainings never clash
+    else:
+        launcher += [f"--nnodes={t.nnodes}", f"--node_rank={t.node_rank}", f"--master_addr={t.master_addr}", f"--master_port={t.master_port}"]
+    cmd = launcher + ["-m", "medgen", "train", stage, "-c", config_path, "-m", manifest, "-o", run_dir, "--device", device]
+    log = Path(run_dir) / f"{stage}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+
+    def run() -> None:
+        # the trainer's progress lines go to the log file and, through print, to the flow's log
+        with open(log, "a", encoding="utf-8") as f, subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as p:
+            for line in p.stdout:  # type: ignore[union-attr]
+                f.write(line)
+                if line.startswith("["):
+                    print(line.rstrip())
+        if p.returncode != 0:
+            tail = log.read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError(f"{stage} training exited with {p.returncode} (log {log}):\n" + "\n".join(tail))
+
+    if device.startswith("cuda"):
+        with concurrency("gpu", occupy=t.nproc_per_node, strict=True):
+            run()
+    else:
+        run()
+    return str(Path(run_dir) / ("generator" if stage == "diffusion" else stage))
+
+
+def run_train(config_path: str, manifest: str, run_dir: str | None = None) -> dict:
+    cfg = config(config_path)
+    run_dir = str(run_dir or cfg.orchestration.run_dir / "ldm")
+    if _device(cfg).startswith("cuda"):
+        ensure_gpu_limit(cfg.orchestration.gpu_slots)
+    keys = stage_keys(config_path, manifest, run_dir)
+    ae_done = (Path(run_dir) / "autoencoder" / "stage.json").exists()
+    gen_done = (Path(run_dir) / "generator" / "configs" / "metadata.json").exists()
+    ae = train_stage_task.with_options(refresh_cache=not ae_done)("autoencoder", config_path, manifest, run_dir, **{KEY_PARAM: keys["autoencoder"]})
+    gen = train_stage_task.with_options(refresh_cache=not gen_done)(
+        "diffusion", config_path, manifest, run_dir, **{KEY_PARAM: keys["diffusion"]}, wait_for=[ae]
+    )
+    return {"run_dir": run_dir, "autoencoder": ae, "generator": gen}
+
+
+@flow(name="medgen-train", log_prints=True)
+def train_flow(config_path: str, manifest: str, run_dir: str | None = None) -> dict:
+    return run_train(config_path, manifest, run_dir)
+
+
+if __name__ == "__main__":
+    print(train_flow(sys.argv[1], sys.argv[2]))
