@@ -3,8 +3,11 @@
 Caching. Prefect's default cache policy includes the flow-run id, so nothing would be reused
 across scheduled runs, and its INPUTS policy hashes a path string, not the file behind it. Every
 cached task here gets a key built from content hashes (files, model folders, manifests) and config
-hashes instead, and is called with `refresh_cache=True` when the output it promises is missing,
-so a deleted output is rebuilt rather than served from the cache.
+hashes instead. Prefect's cache remembers results, not files: so beside each output the flow keeps
+a stamp (`.medgen-flow/<task>.json`: the key and the SHA-256 of each output file) and calls the
+task with `refresh_cache=True` unless the stamp matches both the key and the files on disk. A
+deleted output, an output overwritten by hand, or one made under another config (a change that
+was reverted) is rebuilt rather than served from the cache.
 """
 
 from __future__ import annotations
@@ -42,6 +45,38 @@ def file_sha(path: str | Path) -> str:
     return sha256_file(path)
 
 
+STAMPS = ".medgen-flow"
+
+
+def _stamp_path(folder: str | Path, name: str) -> Path:
+    return Path(folder) / STAMPS / f"{name}.json"
+
+
+def fresh(folder: str | Path, name: str, key: str, outputs: list[Path]) -> bool:
+    """True when the outputs on disk are what the task with this key made (see the module doc)."""
+    path = _stamp_path(folder, name)
+    if not path.exists():
+        return False
+    stamp = json.loads(path.read_text())
+    if stamp.get("key") != key or sorted(stamp.get("outputs", {})) != sorted(map(str, outputs)):
+        return False
+    return all(Path(o).exists() and file_sha(o) == sha for o, sha in stamp["outputs"].items())
+
+
+def stamp(folder: str | Path, name: str, key: str, outputs: list[Path]) -> None:
+    from medgen.io.atomic import write_text_atomic
+
+    path = _stamp_path(folder, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"key": key, "outputs": {str(o): file_sha(o) for o in outputs}}, indent=1))
+
+
+def io_retries(cfg: PipelineConfig) -> dict[str, Any]:
+    """with_options() for I/O tasks: retries with back-off from the config."""
+    o = cfg.orchestration
+    return {"retries": o.retries, "retry_delay_seconds": list(o.retry_delay_seconds)}
+
+
 def task_runner(cfg: PipelineConfig):
     """The configured task runner: Prefect's default (threads), or Dask (an existing scheduler at
     `dask_address`, else a local cluster of `dask_workers` processes)."""
@@ -69,4 +104,4 @@ def ensure_gpu_limit(slots: int, name: str = "gpu") -> None:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
 
 
-__all__ = ["KEY_PARAM", "by_key", "cached", "config", "section_hash", "file_sha", "task_runner", "ensure_gpu_limit"]
+__all__ = ["KEY_PARAM", "by_key", "cached", "config", "section_hash", "file_sha", "fresh", "stamp", "io_retries", "task_runner", "ensure_gpu_limit"]

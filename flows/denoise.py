@@ -15,10 +15,10 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from flows.common import KEY_PARAM, by_key, cached, config
+from flows.common import KEY_PARAM, by_key, cached, config, fresh, io_retries, stamp
 
 
-@task(cache_key_fn=by_key, persist_result=True, retries=2, retry_delay_seconds=[2, 10], task_run_name="denoise {ref.name}")
+@task(cache_key_fn=by_key, persist_result=True, task_run_name="denoise {ref.name}")
 def denoise_task(ref, out_dir: str, settings: dict, cache_key: str) -> dict:
     """A scan that cannot be read is a result (reported, the batch goes on), not a failure to retry."""
     from medgen.denoise_batch import denoise_scan
@@ -45,9 +45,15 @@ def run_denoise(config_path: str, out: str | None = None) -> list[dict]:
     futures = []
     for ref in find_scans([str(s) for s in job.sources]):
         key = cached({"task": "denoise", "scan": ref.content_sha256(), "model": model_sha, "settings": settings, "out": str(out_dir.resolve()), "name": ref.name})
-        done = (out_dir / f"{ref.name}_denoised.nii.gz").exists()
-        futures.append(denoise_task.with_options(refresh_cache=not done).submit(ref, str(out_dir), settings, **{KEY_PARAM: key}))
-    return [f.result() for f in futures]
+        output = [out_dir / f"{ref.name}_denoised.nii.gz"]
+        ok = fresh(out_dir, f"denoise-{ref.name}", key, output)
+        futures.append((ref, key, output, denoise_task.with_options(refresh_cache=not ok, **io_retries(cfg)).submit(ref, str(out_dir), settings, **{KEY_PARAM: key})))
+    results = []
+    for ref, key, output, fut in futures:
+        results.append(fut.result())
+        if output[0].exists():
+            stamp(out_dir, f"denoise-{ref.name}", key, output)
+    return results
 
 
 @flow(name="medgen-denoise", log_prints=True)

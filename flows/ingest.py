@@ -17,10 +17,10 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import config, task_runner
+from flows.common import config, io_retries, task_runner
 
 
-@task(retries=2, retry_delay_seconds=[2, 10])
+@task
 def sample_data_task(out: str) -> str:
     from medgen.sample_data import build_sample_data
 
@@ -29,7 +29,7 @@ def sample_data_task(out: str) -> str:
 
 
 # No Prefect cache: the plan already sends only new or changed scans here (keyed on content hashes).
-@task(retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE, task_run_name="convert {scan_id}")
+@task(cache_policy=NO_CACHE, task_run_name="convert {scan_id}")
 def convert_task(unit, scan_id: str, out_dir: str, options) -> list[dict[str, str]]:
     from medgen.ingestion import convert_unit
 
@@ -38,19 +38,22 @@ def convert_task(unit, scan_id: str, out_dir: str, options) -> list[dict[str, st
 
 def run_ingest(config_path: str) -> dict:
     """The flow body (shared by the ingest flow and the pipeline's ingest stage)."""
-    from medgen.ingestion import finish_ingest, label_rows, plan_ingest
+    from medgen.ingestion import finish_ingest, ingest_lock, label_rows, plan_ingest
 
     cfg = config(config_path)
     cfg.require("ingest")
     ing = cfg.ingest
+    io = io_retries(cfg)
     if cfg.sample_data is not None:
-        sample_data_task(str(cfg.sample_data))
-    plan = plan_ingest([str(s) for s in ing.sources], ing.out, options=ing.options(), salt=ing.salt)
-    futures = [convert_task.submit(u, sid, str(plan.out_dir), plan.options) for u, sid in plan.todo]
-    rows = []
-    for (u, _), fut in zip(plan.todo, futures):
-        rows.extend(label_rows(plan, u, fut.result()))
-    report = finish_ingest(plan, rows)
+        sample_data_task.with_options(**io)(str(cfg.sample_data))
+    with ingest_lock(ing.out):  # an overlapping scheduled run waits here instead of racing
+        plan = plan_ingest([str(s) for s in ing.sources], ing.out, options=ing.options(), salt=ing.salt)
+        convert = convert_task.with_options(**io)
+        futures = [convert.submit(u, sid, str(plan.out_dir), plan.options) for u, sid in plan.todo]
+        rows = []
+        for (u, _), fut in zip(plan.todo, futures):
+            rows.extend(label_rows(plan, u, fut.result()))
+        report = finish_ingest(plan, rows)
     return {
         "manifest": str(report.manifest_path),
         "accepted": len(report.accepted),

@@ -80,6 +80,10 @@ def pipeline_flow(config_path: str) -> dict:
     return run_pipeline(config_path)
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
 def print_summary(result: dict, wall: float) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -98,7 +102,7 @@ def print_summary(result: dict, wall: float) -> None:
     table.add_row(
         "synthesize", f"{result['seconds']['synthesize']:.1f}",
         f"gate {'PASS' if v['passed'] else 'FAIL'}: {len(v['passing'])} of {len(v['passing']) + len(v['failing'])} volumes pass; "
-        f"FID {real['fid']:.4g} (held-out real {v['realism_heldout_real']['fid']:.4g}); {exported}",
+        f"FID {_num(real['fid'])} (held-out real {_num(v['realism_heldout_real']['fid'])}); {exported}",
     )
     if result["denoise"]:
         table.add_row("denoise", f"{result['seconds']['denoise']:.1f}", "; ".join(

@@ -17,18 +17,18 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from flows.common import KEY_PARAM, by_key, cached, config, file_sha, section_hash
+from flows.common import KEY_PARAM, by_key, cached, config, file_sha, fresh, io_retries, section_hash, stamp
 
 
 @task(cache_key_fn=by_key, persist_result=True, retries=1, task_run_name="generate {indices}")
-def generate_task(generator: str, indices: list[int], out: str, sampler: str, steps: int, seed: int, batch_size: int, cache_key: str) -> list[dict]:
+def generate_task(generator: str, indices: list[int], out: str, settings: dict, cache_key: str) -> list[dict]:
     from medgen.synthesis import generate_volumes
 
-    entries = generate_volumes(generator, indices, out, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size)
+    entries = generate_volumes(generator, indices, out, **settings)
     return [e.model_dump() for e in entries]
 
 
-@task(cache_key_fn=by_key, persist_result=True, retries=2, retry_delay_seconds=[2, 10])
+@task(cache_key_fn=by_key, persist_result=True)
 def record_task(out: str, generator: str, entries: list[dict], sampler: str, steps: int, seed: int, cache_key: str) -> str:
     from medgen.synthesis import SynthVolume, write_record
 
@@ -36,7 +36,7 @@ def record_task(out: str, generator: str, entries: list[dict], sampler: str, ste
     return out
 
 
-@task(cache_key_fn=by_key, persist_result=True, retries=2, retry_delay_seconds=[2, 10])
+@task(cache_key_fn=by_key, persist_result=True)
 def validate_task(run: str, config_path: str, cache_key: str) -> dict:
     """Returns the gate's verdict summary; the report files are in RUN/quality/."""
     from medgen.validate import validate_run
@@ -56,7 +56,7 @@ def validate_task(run: str, config_path: str, cache_key: str) -> dict:
     }
 
 
-@task(cache_key_fn=by_key, persist_result=True, retries=2, retry_delay_seconds=[2, 10], task_run_name="export {fmt}")
+@task(cache_key_fn=by_key, persist_result=True, task_run_name="export {fmt}")
 def export_task(run: str, out: str, fmt: str, cache_key: str) -> dict:
     """Idempotent (Dask may re-run a finished task when a worker dies): same files, same bytes."""
     from medgen.export import export_run
@@ -66,45 +66,52 @@ def export_task(run: str, out: str, fmt: str, cache_key: str) -> dict:
 
 
 def run_synthesize(config_path: str, generator: str, out: str | None = None) -> dict:
+    import torch
+
     from medgen.provenance import model_folder_sha256
     from medgen.synthesis import RECORD, model_sampler
 
     cfg = config(config_path)
     g = cfg.generate
+    io = io_retries(cfg)
     run = Path(out or cfg.orchestration.run_dir / "synthetic")
-    sampler = model_sampler(generator, g.sampler)
-    gen_sha = model_folder_sha256(generator)
-    settings = {"generator": gen_sha, "sampler": sampler, "steps": g.steps, "seed": g.seed, "out": str(run.resolve())}
+    device = cfg.orchestration.torchrun.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = {"sampler": model_sampler(generator, g.sampler), "steps": g.steps, "seed": g.seed, "batch_size": g.batch_size,
+                "device": device, "decode_roi": g.decode_roi}
+    base = {"generator": model_folder_sha256(generator), **settings, "out": str(run.resolve())}
     chunks = [list(range(i, min(g.n, i + g.chunk))) for i in range(0, g.n, g.chunk)]
     futures = []
     for idx in chunks:
-        missing = any(not (run / "volumes" / f"synthetic_{i:04d}.nii.gz").exists() for i in idx)
-        key = cached({"task": "generate", **settings, "indices": idx})
-        futures.append(
-            generate_task.with_options(refresh_cache=missing).submit(
-                generator, idx, str(run), sampler, g.steps, g.seed, g.batch_size, **{KEY_PARAM: key}
-            )
-        )
-    entries = [e for f in futures for e in f.result()]
-    rec_key = cached({"task": "record", **settings, "volumes": sorted(e["sha256"] for e in entries)})
-    record_task.with_options(refresh_cache=not (run / RECORD).exists())(
-        str(run), generator, entries, sampler, g.steps, g.seed, **{KEY_PARAM: rec_key}
-    )
-    meta_manifest = _training_manifest(generator)
+        key = cached({"task": "generate", **base, "indices": idx})
+        files = [run / "volumes" / f"synthetic_{i:04d}.nii.gz" for i in idx]
+        ok = fresh(run, f"generate-{idx[0]}-{idx[-1]}", key, files)
+        futures.append((idx, key, files, generate_task.with_options(refresh_cache=not ok).submit(generator, idx, str(run), settings, **{KEY_PARAM: key})))
+    entries = []
+    for idx, key, files, fut in futures:
+        entries += fut.result()
+        stamp(run, f"generate-{idx[0]}-{idx[-1]}", key, files)
+    rec_key = cached({"task": "record", **base, "volumes": sorted(e["sha256"] for e in entries)})
+    ok = fresh(run, "record", rec_key, [run / RECORD])
+    record_task.with_options(refresh_cache=not ok, **io)(str(run), generator, entries, settings["sampler"], g.steps, g.seed, **{KEY_PARAM: rec_key})
+    stamp(run, "record", rec_key, [run / RECORD])
+    manifest = _training_manifest(generator)
     v_key = cached({
         "task": "validate", "record": file_sha(run / RECORD), "quality": section_hash(cfg, "quality"),
-        "manifest": file_sha(meta_manifest) if meta_manifest and Path(meta_manifest).exists() else None,
+        "manifest": file_sha(manifest) if manifest and Path(manifest).exists() else None,
     })
-    verdict = validate_task.with_options(refresh_cache=not (run / "quality" / "report.json").exists())(str(run), config_path, **{KEY_PARAM: v_key})
+    report = run / "quality" / "report.json"
+    ok = fresh(run, "validate", v_key, [report])
+    verdict = validate_task.with_options(refresh_cache=not ok, **io)(str(run), config_path, **{KEY_PARAM: v_key})
+    stamp(run, "validate", v_key, [report])
     exports = []
     if verdict["passed"]:
-        report_sha = file_sha(run / "quality" / "report.json")
         for fmt in cfg.export.formats:
-            dest = cfg.orchestration.run_dir / "export" / fmt if out is None else run.parent / "export" / fmt
-            e_key = cached({"task": "export", "report": report_sha, "format": fmt, "out": str(dest.resolve())})
-            exports.append(
-                export_task.with_options(refresh_cache=not (dest / "export.json").exists())(str(run), str(dest), fmt, **{KEY_PARAM: e_key})
-            )
+            dest = (cfg.orchestration.run_dir / "export" / fmt) if out is None else (run.parent / "export" / fmt)
+            e_key = cached({"task": "export", "report": file_sha(report), "format": fmt, "out": str(dest.resolve())})
+            # the stamp lives in the run folder: the export folder holds nothing but the deliverable
+            ok = fresh(run, f"export-{fmt}", e_key, [dest / "export.json"])
+            exports.append(export_task.with_options(refresh_cache=not ok, **io)(str(run), str(dest), fmt, **{KEY_PARAM: e_key}))
+            stamp(run, f"export-{fmt}", e_key, [dest / "export.json"])
     return {"run": str(run), "verdict": verdict, "exports": exports}
 
 

@@ -10,7 +10,8 @@
   stopped instead of starting over.
 - Cached on content: a stage's key hashes its config sections and the content hashes of the
   manifest rows it trains on (and, for diffusion, the autoencoder's key). Nothing new: both stages
-  are cache hits. A new training scan or a changed section: the stages that depend on it re-run.
+  are cache hits. A new training scan or a changed section: the stages that depend on it re-run,
+  from scratch (the training loop refuses to resume a checkpoint of other data or configs).
 - GPU: a stage on CUDA holds `nproc_per_node` slots of the global concurrency limit `gpu`, so
   two trainings never share one card.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from flows.common import KEY_PARAM, by_key, cached, config, ensure_gpu_limit, section_hash
+from flows.common import KEY_PARAM, by_key, cached, config, ensure_gpu_limit, fresh, section_hash, stamp
 
 
 def stage_keys(config_path: str, manifest: str, run_dir: str) -> dict[str, str]:
@@ -91,13 +92,18 @@ def run_train(config_path: str, manifest: str, run_dir: str | None = None) -> di
     if _device(cfg).startswith("cuda"):
         ensure_gpu_limit(cfg.orchestration.gpu_slots)
     keys = stage_keys(config_path, manifest, run_dir)
-    ae_done = (Path(run_dir) / "autoencoder" / "stage.json").exists()
-    gen_done = (Path(run_dir) / "generator" / "configs" / "metadata.json").exists()
-    ae = train_stage_task.with_options(refresh_cache=not ae_done)("autoencoder", config_path, manifest, run_dir, **{KEY_PARAM: keys["autoencoder"]})
-    gen = train_stage_task.with_options(refresh_cache=not gen_done)(
-        "diffusion", config_path, manifest, run_dir, **{KEY_PARAM: keys["diffusion"]}, wait_for=[ae]
-    )
-    return {"run_dir": run_dir, "autoencoder": ae, "generator": gen}
+    outputs = {
+        "autoencoder": [Path(run_dir) / "autoencoder" / "stage.json"],
+        "diffusion": [Path(run_dir) / "generator" / "configs" / "metadata.json"],
+    }
+    result = {"run_dir": run_dir}
+    for stage in ("autoencoder", "diffusion"):
+        ok = fresh(run_dir, f"train-{stage}", keys[stage], outputs[stage])
+        result[stage if stage == "autoencoder" else "generator"] = train_stage_task.with_options(refresh_cache=not ok)(
+            stage, config_path, manifest, run_dir, **{KEY_PARAM: keys[stage]}
+        )
+        stamp(run_dir, f"train-{stage}", keys[stage], outputs[stage])
+    return result
 
 
 @flow(name="medgen-train", log_prints=True)

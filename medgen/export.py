@@ -5,7 +5,9 @@
     OUT/export.json                                           what this export wrote, and from where
 
 Rules:
-- Only volumes that passed, from a batch that passed. A failed batch exports nothing.
+- Only volumes that passed, from a batch that passed. A failed batch exports nothing. Volumes an
+  earlier export into the same folder wrote (listed in its export.json) that this batch does not
+  export are removed, so the folder always holds exactly the last passing batch.
 - Atomic: every file is written under a hidden temporary name and renamed; a DICOM series is
   assembled in a hidden temporary folder and renamed into place whole. The sidecar is written
   after its volume, so a visible sidecar means a complete export of that volume. An export killed
@@ -54,8 +56,17 @@ def _clean_partials(out: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def _remove_export(out: Path, name: str) -> None:
+    """Remove one volume's export, sidecar first: a visible sidecar always means a complete export."""
+    (out / f"{name}.provenance.json").unlink(missing_ok=True)
+    (out / f"{name}.nii.gz").unlink(missing_ok=True)
+    if (out / name).is_dir():
+        shutil.rmtree(out / name)
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished folder into place; a reader sees the old folder or the new one, never half."""
+    """Swap a finished folder into place; a reader sees the old folder or the new one, never half.
+    The caller removes the sidecar first (the old sidecar must not outlive its series)."""
     old = final.with_name(f".{final.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}")
     if final.exists():
         os.replace(final, old)
@@ -123,6 +134,7 @@ def export_run(run: str | Path, out: str | Path, fmt: ExportFormat = "nifti") ->
     gen_prov = gen_meta.get("provenance", {})
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)
+    previous = json.loads((out / "export.json").read_text()).get("exported", []) if (out / "export.json").exists() else []
     verdicts = {v["name"]: v for v in report["volumes"]}
     created = dt.datetime.fromisoformat(record.created)
     exported, skipped = [], []
@@ -148,12 +160,18 @@ def export_run(run: str | Path, out: str | Path, fmt: ExportFormat = "nifti") ->
                 deidentified=True,
                 content_datetime=created,
             )
+            (out / f"{name}.provenance.json").unlink(missing_ok=True)
             _replace_dir(tmp, out / name)
             files = [f"{name}/{p.name}" for p in paths]
         doc = _sidecar(name, vol, entry, record, report, report_sha, gen_prov, fmt, files)
         jsonschema.validate(doc, schema("provenance"))
         write_text_atomic(out / f"{name}.provenance.json", json.dumps(doc, indent=1, sort_keys=True))
         exported.append(name)
+    # A volume an earlier export of this folder wrote that this batch does not pass (or no longer
+    # holds) must not stay visible as if it had passed.
+    for name in previous:
+        if name not in exported:
+            _remove_export(out, name)
     index = {
         "format": "medgen-export",
         "export_format": fmt,

@@ -365,6 +365,23 @@ class IngestPlan:
     t0: float
 
 
+@contextlib.contextmanager
+def ingest_lock(out: str | Path):
+    """One ingest at a time per output folder (an hourly ingest and a nightly pipeline may overlap):
+    an exclusive lock on OUT/.medgen/lock, held from the survey to the written manifest. A POSIX
+    advisory lock: it serialises processes on one host (and on filesystems that honour flock)."""
+    import fcntl
+
+    state = Path(out) / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def plan_ingest(
     sources: str | Path | Sequence[str | Path],
     out: str | Path,
@@ -468,6 +485,7 @@ def ingest(
     hosts such as Prefect workers). `force` converts every scan again.
     """
     with contextlib.ExitStack() as stack:
+        stack.enter_context(ingest_lock(out))
         pool = stack.enter_context(cf.ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())) if workers > 1 else None
         if progress:
             progress("survey", 0, 1)
@@ -486,7 +504,7 @@ def ingest(
             rows.extend(label_rows(plan, u, converted))
             if progress:
                 progress("convert", done, len(plan.todo))
-    return finish_ingest(plan, rows)
+        return finish_ingest(plan, rows)
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:

@@ -28,6 +28,7 @@ def report_dict(record: "SynthesisRecord", result: "BatchResult") -> dict:
         "format_version": 1,
         "generator_sha256": record.generator_sha256,
         "training_manifest_sha256": extra["training_manifest_sha256"],
+        "reference_manifest_sha256": extra["reference_manifest_sha256"],
         "encoder_id": result.encoder_id,
         "sampling": {"sampler": record.sampler, "steps": record.steps, "seed": record.seed},
         "reference": {"n_train": result.n_train, "n_heldout": result.n_heldout, "heldout_splits": extra["heldout_splits"]},

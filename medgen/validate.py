@@ -112,7 +112,8 @@ def validate_run(run: str | Path, *, quality: QualityConfig = QualityConfig(), m
     result = assess(np.stack(arrays), [v.name for v in record.volumes], ref, quality.gate, geometry_ok)
     result.extra = {
         "generator_sha256": record.generator_sha256,
-        "training_manifest_sha256": sha256_file(manifest),
+        "training_manifest_sha256": prov.get("training_manifest_sha256"),  # as the generator recorded it
+        "reference_manifest_sha256": sha256_file(manifest),  # the manifest the reference volumes came from now
         "heldout_splits": list(quality.heldout_splits),
         "gate": quality.gate.model_dump(mode="json"),
         "volume_sha256": {v.name: v.sha256 for v in record.volumes},

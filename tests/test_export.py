@@ -167,10 +167,15 @@ def test_dicom_export_is_valid_deidentified_and_idempotent(passing_run, world, t
     r2 = export_run(run_dir, out, "dicom")
     second = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert r2.exported == r.exported and first == second  # same files, same bytes, no duplicates
+    assert r.exported
     dciodvfy, dcentvfy = dicom3tools()
     blob = all_bytes(out) + all_bytes(run_dir)
     for value in list(IDENTIFIERS.values()) + list(SOURCE_UIDS.values()):
         assert value.encode() not in blob, value
+    # the export folder holds no pseudonym (scan-/sub- ids) and no path of the machine it ran on
+    exported_text = all_bytes(out)
+    for marker in (b"scan-", b"sub-", str(run_dir).encode(), str(Path(world["manifest"]).parent).encode(), b"/tmp/"):
+        assert marker not in exported_text, marker
     for name in r.exported:
         files = sorted((out / name).glob("*.dcm"))
         for f in files:

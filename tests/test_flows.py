@@ -86,6 +86,7 @@ def test_pipeline_runs_end_to_end(first_run, tiny):
     for fmt in ("nifti", "dicom"):
         folder = Path(tiny).parent / "run" / "export" / fmt
         present = {p.name.split(".")[0] for p in folder.iterdir() if p.name != "export.json"} if folder.exists() else set()
+        assert not any(p.name.startswith(".") for p in folder.iterdir()) if folder.exists() else True
         assert present == exported.get(fmt, set()) == (set(v["passing"]) if v["passed"] else set())
         assert not present & set(v["failing"])
 
@@ -123,19 +124,45 @@ def test_touching_one_scan_reingests_exactly_that_scan(first_run, tiny):
     assert result["converted"] == 1 and len(converts) == 1
 
 
-def test_training_resumes_from_a_checkpoint_not_from_scratch(tiny, tmp_path, prefect_harness):
+def test_training_resumes_from_a_checkpoint_not_from_scratch(first_run, tiny, tmp_path):
     from flows.train import train_flow
     from medgen.config import load_config
     from medgen.train.autoencoder import train_autoencoder
 
     cfg = load_config(tiny)
     manifest = str(Path(cfg.ingest.out) / "manifest.csv")
-    if not Path(manifest).exists():
-        pytest.skip("needs the pipeline's ingest")
     train_autoencoder(cfg, manifest, tmp_path, device="cpu", stop_after=3)  # a run that crashed at step 3
     out = train_flow(str(tiny), manifest, str(tmp_path))
     log = (tmp_path / "autoencoder.log").read_text()
     assert "resumed at step 3" in log and Path(out["generator"]).exists()
+    assert len((tmp_path / "autoencoder" / "metrics.jsonl").read_text().splitlines()) >= 6 - 3
+
+
+def test_a_changed_section_retrains_what_depends_on_it_and_a_revert_retrains_back(first_run, tiny, tmp_path):
+    from flows.train import train_flow
+
+    raw = yaml.safe_load(tiny.read_text())
+    manifest = str(Path(raw["ingest"]["out"]) / "manifest.csv")
+    run = tmp_path / "run"
+
+    def train(diffusion_steps: int) -> list[tuple[str, str]]:
+        raw["diffusion"]["train"]["steps"] = diffusion_steps
+        path = tmp_path / f"c{diffusion_steps}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        before = task_runs()
+        train_flow(str(path), manifest, str(run))
+        return sorted(new_runs(before))
+
+    def diffusion_steps_logged() -> int:
+        return len([1 for line in (run / "diffusion" / "metrics.jsonl").read_text().splitlines() if "loss/diffusion" in line])
+
+    assert train(6) == [("train autoencoder", "Completed"), ("train diffusion", "Completed")]
+    assert train(8) == [("train autoencoder", "Cached"), ("train diffusion", "Completed")]
+    assert diffusion_steps_logged() == 8  # a new run from scratch, not 6 resumed + 2
+    # back to 6: Prefect's cache holds a result for that key, but the generator on disk is the
+    # 8-step one: the stamp sees it and the stage trains again
+    assert train(6) == [("train autoencoder", "Cached"), ("train diffusion", "Completed")]
+    assert diffusion_steps_logged() == 6
 
 
 def test_dask_ingest_equals_default_runner(tiny, tmp_path, prefect_harness):
@@ -183,3 +210,23 @@ def test_gpu_concurrency_limit_is_created_once(prefect_harness):
     ensure_gpu_limit(4)  # an existing limit (set by whoever runs the server) is kept
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
+
+
+def test_synthesize_exports_exactly_what_passes(first_run, tiny, tmp_path):
+    """The tiny model's samples fail a strict gate (nothing exported) and pass a lenient one (all exported)."""
+    from flows.synthesize import synthesize_flow
+
+    result, _ = first_run
+    strict = result["synthesize"]["verdict"]
+    assert strict["failing"]  # 6 training steps make noise, which the default gate refuses
+    raw = yaml.safe_load(tiny.read_text())
+    raw["quality"]["gate"] = {"intensity_tolerance": 100.0, "foreground_tolerance": 100.0, "histogram_factor": 1e6,
+                              "radiomics_factor": None, "memorization_margin": 0.99, "feature_margin": 0.99}
+    lenient = tmp_path / "lenient.yaml"
+    lenient.write_text(yaml.safe_dump(raw))
+    out = synthesize_flow(str(lenient), result["train"]["generator"], str(tmp_path / "synthetic"))
+    v = out["verdict"]
+    assert v["passed"] and sorted(v["passing"]) == ["synthetic_0000", "synthetic_0001", "synthetic_0002"]
+    for e in out["exports"]:
+        names = {p.name.split(".")[0] for p in (tmp_path / "export" / e["format"]).iterdir() if p.name != "export.json"}
+        assert names == set(e["exported"]) == set(v["passing"])

@@ -100,7 +100,7 @@ def test_gate_passes_heldout_real_and_fails_copies_and_broken_volumes(population
     assert any("NaN" in r for r in v["nan"].reasons)
     assert any("foreground" in r for r in v["blank"].reasons)
     assert any("intensity range" in r for r in v["out-of-range"].reasons)
-    assert res.passed is False or sum(x.passed for x in res.volumes) / len(res.volumes) >= 0.5
+    assert not res.passed and any("4 of 9 volumes pass" in r for r in res.reasons)  # 4/9 < min_pass_fraction 0.5
     assert not any("memorized" in r for n in ("nan", "blank", "out-of-range") for r in v[n].reasons)
 
 

@@ -1,7 +1,7 @@
 """Realism: distances between a set of synthetic volumes and a set of real ones.
 
 - FID: Fréchet distance of encoder features (MONAI's `compute_frechet_distance`). Covariances get
-  a small ridge first: with tens of volumes and 112 features they are singular, and MONAI's own
+  a small ridge first: with tens of volumes and 224 features they are singular, and MONAI's own
   fallback prints instead of raising.
 - KID: unbiased polynomial-kernel MMD² of the features (Bińkowski et al.); MONAI has no KID.
 - MMD: unbiased MMD² of z-scored features with the distance-induced kernel (Sejdinovic et al.

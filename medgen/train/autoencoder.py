@@ -15,6 +15,7 @@ from medgen.data import manifest_items, prepare
 from medgen.io.atomic import atomic_path, write_text_atomic
 from medgen.models.networks import KLAutoencoderStep, build_autoencoder, build_discriminator, latent_shape
 from medgen.preprocess import IntensityMap
+from medgen.provenance import sha256_json
 from medgen.train.loop import Part, Trainer, digest, init_distributed, unwrap, wrap
 
 STAGE_DIR = "autoencoder"
@@ -29,6 +30,7 @@ class AutoencoderStage:
     scale_factor: float
     intensity: IntensityMap
     metrics: dict[str, float]
+    weights_sha256: str
 
 
 def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,11 @@ def train_autoencoder(
         # every rank computes (MONAI's metrics all-gather their buffers when a process group exists)
         return reconstruction_metrics(ae, val.images, d.device, data_range)
 
-    trainer = Trainer(run, acfg.train, parts, step_fn, train.images, d, validate=validate, name="autoencoder")
+    fingerprint = sha256_json({
+        "autoencoder": acfg.model_dump(mode="json"), "data": dcfg.model_dump(mode="json"),
+        "train": [i["sha256"] for i in train.items], "val": [i["sha256"] for i in val_items],
+    })
+    trainer = Trainer(run, acfg.train, parts, step_fn, train.images, d, validate=validate, name="autoencoder", fingerprint=fingerprint)
     final = trainer.fit(stop_after=stop_after)
     if final < acfg.train.steps:
         return run
@@ -155,6 +161,6 @@ def load_autoencoder_stage(cfg: PipelineConfig, run_dir: str | Path, device: tor
     ae = build_autoencoder(cfg.autoencoder)  # type: ignore[arg-type]
     ae.load_state_dict(torch.load(run / "autoencoder.pt", map_location=device, weights_only=True))
     ae.to(device).eval()
-    return AutoencoderStage(run, ae, float(stage["scale_factor"]), IntensityMap(**stage["intensity"]), stage["metrics"])
+    return AutoencoderStage(run, ae, float(stage["scale_factor"]), IntensityMap(**stage["intensity"]), stage["metrics"], stage["weights_sha256"])
 
 

@@ -12,6 +12,7 @@ from medgen.config import PipelineConfig
 from medgen.data import manifest_items, prepare
 from medgen.models.bundle import save_generator
 from medgen.models.networks import build_scheduler, build_unet, latent_shape
+from medgen.provenance import sha256_json
 from medgen.train.autoencoder import load_autoencoder_stage
 from medgen.train.loop import Part, Trainer, init_distributed, unwrap, wrap
 
@@ -62,7 +63,12 @@ def train_diffusion(
         u = ctx.rand((z0.shape[0],))
         return {"diffusion": diffusion_loss(model, scheduler, dcfg.scheduler, dcfg.prediction, z0, noise, u)}
 
-    trainer = Trainer(run_dir / STAGE_DIR, dcfg.train, [part], step_fn, latents, d, name="diffusion")
+    fingerprint = sha256_json({
+        "diffusion": dcfg.model_dump(mode="json"), "data": data_cfg.model_dump(mode="json"),
+        "train": [i["sha256"] for i in train.items],
+        "autoencoder": stage1.weights_sha256,  # a retrained stage 1 means new latents
+    })
+    trainer = Trainer(run_dir / STAGE_DIR, dcfg.train, [part], step_fn, latents, d, name="diffusion", fingerprint=fingerprint)
     final = trainer.fit(stop_after=stop_after)
     bundle = run_dir / GENERATOR_DIR
     if final < dcfg.train.steps or not d.is_main:

@@ -178,8 +178,12 @@ class Trainer:
         *,
         validate: Callable[[int], dict[str, float]] | None = None,
         name: str = "train",
+        fingerprint: str | None = None,
     ):
+        """`fingerprint` names what this training is (its configs, its data, the stage before it):
+        a checkpoint made under another fingerprint is not resumed from, the run starts over."""
         self.run_dir = Path(run_dir)
+        self.fingerprint = fingerprint
         self.cfg, self.parts, self.step_fn, self.data, self.d = cfg, parts, step_fn, data, d
         self.validate, self.name = validate, name
         for p in parts:
@@ -217,6 +221,7 @@ class Trainer:
                 "python": list(random.getstate()[1]) + [random.getstate()[0]],
             },
             "config": self.cfg.model_dump(mode="json"),
+            "fingerprint": self.fingerprint,
         }
 
     def save(self) -> Path:
@@ -233,6 +238,15 @@ class Trainer:
         if not path.exists():
             return False
         state = torch.load(path, map_location=self.d.device, weights_only=True)
+        if self.fingerprint is not None and state.get("fingerprint") != self.fingerprint:
+            # Resuming would hand a finished (or half) run of other data or configs to this one.
+            if self.d.is_main:
+                print(f"[{self.name}] checkpoint in {self.run_dir} is from another config or data set: starting over", file=sys.stderr)
+                path.unlink()
+                self.metrics_path.unlink(missing_ok=True)
+            if self.d.world > 1:
+                dist.barrier()
+            return False
         for p in self.parts:
             s = state["parts"][p.name]
             unwrap(p.module).load_state_dict(s["model"])
