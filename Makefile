@@ -11,7 +11,7 @@ $(VENV)/.installed-%: pyproject.toml scripts/install.sh
 install: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed-test
-	$(VENV)/bin/python -m flows.pipeline configs/demo.yaml
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/python -m flows.pipeline configs/demo.yaml
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest -q

@@ -1,4 +1,5 @@
-"""The train flow: autoencoder, then latent diffusion, each a `torchrun` subprocess.
+"""The train flow: autoencoder, then latent diffusion, each a `torchrun` subprocess (a plain
+`python -m medgen train` subprocess when the config asks for one process on one node).
 
     python -m flows.train configs/demo.yaml demo_run/ingest/manifest.csv
 
@@ -48,20 +49,30 @@ def _device(cfg) -> str:
     return cfg.orchestration.torchrun.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def launch_command(t, args: list[str]) -> list[str]:
+    """The subprocess command line for `args` (a `-m medgen train ...` call) under config `t`."""
+    if t.nproc_per_node == 1 and t.nnodes == 1:
+        # One process: torchrun's elastic agent would only add a second interpreter start (~2-3 s
+        # of imports per stage); the training loop runs the same without a process group.
+        return [sys.executable, *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={t.nproc_per_node}"]
+    if t.nnodes == 1:
+        launcher.append("--standalone")  # a free local rendezvous port: parallel trainings never clash
+    else:
+        launcher += [f"--nnodes={t.nnodes}", f"--node_rank={t.node_rank}", f"--master_addr={t.master_addr}", f"--master_port={t.master_port}"]
+    return launcher + args
+
+
 @task(cache_key_fn=by_key, persist_result=True, retries=2, retry_delay_seconds=[5, 30], task_run_name="train {stage}", log_prints=True)
 def train_stage_task(stage: str, config_path: str, manifest: str, run_dir: str, cache_key: str) -> str:
-    """One stage as `python -m torch.distributed.run ... -m medgen train STAGE`; returns its folder."""
+    """One stage as `python -m torch.distributed.run ... -m medgen train STAGE` (or, for one process,
+    `python -m medgen train STAGE`); returns its folder."""
     from prefect.concurrency.sync import concurrency
 
     cfg = config(config_path)
     t = cfg.orchestration.torchrun
     device = _device(cfg)
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={t.nproc_per_node}"]
-    if t.nnodes == 1:
-        launcher.append("--standalone")  # a free local rendezvous port: parallel CPU trainings never clash
-    else:
-        launcher += [f"--nnodes={t.nnodes}", f"--node_rank={t.node_rank}", f"--master_addr={t.master_addr}", f"--master_port={t.master_port}"]
-    cmd = launcher + ["-m", "medgen", "train", stage, "-c", config_path, "-m", manifest, "-o", run_dir, "--device", device]
+    cmd = launch_command(t, ["-m", "medgen", "train", stage, "-c", config_path, "-m", manifest, "-o", run_dir, "--device", device])
     log = Path(run_dir) / f"{stage}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
 

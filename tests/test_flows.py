@@ -230,3 +230,15 @@ def test_synthesize_exports_exactly_what_passes(first_run, tiny, tmp_path):
     for e in out["exports"]:
         names = {p.name.split(".")[0] for p in (tmp_path / "export" / e["format"]).iterdir() if p.name != "export.json"}
         assert names == set(e["exported"]) == set(v["passing"])
+
+
+def test_training_launch_command_follows_the_torchrun_config():
+    from flows.train import launch_command
+    from medgen.config import TorchrunConfig
+
+    args = ["-m", "medgen", "train", "autoencoder"]
+    assert launch_command(TorchrunConfig(), args)[1:] == args  # one process: no elastic agent
+    two = launch_command(TorchrunConfig(nproc_per_node=2), args)
+    assert two[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"] and two[-4:] == args
+    nodes = launch_command(TorchrunConfig(nproc_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29400), args)
+    assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.5", "--master_port=29400"} <= set(nodes) and "--standalone" not in nodes
