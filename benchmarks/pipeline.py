@@ -14,6 +14,7 @@ machine's noise (a few %): read the total, and run it twice before trusting a sm
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry attempts from the temporary server
 
 
 def relocated(config: Path, root: Path) -> Path:

@@ -26,6 +26,9 @@ _EXPORTS = {
     "denoise": "medgen.denoising",
     "denoise_detailed": "medgen.denoising",
     "load_score_model": "medgen.models.score",
+    "synthesize": "medgen.synthesis",
+    "validate_run": "medgen.validate",
+    "export_run": "medgen.export",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -37,7 +40,10 @@ if TYPE_CHECKING:
     from medgen.models.bundle import Generator, load_generator
     from medgen.denoising import denoise, denoise_detailed
     from medgen.models.score import load_score_model
+    from medgen.export import export_run
     from medgen.sample import generate
+    from medgen.synthesis import synthesize
+    from medgen.validate import validate_run
     from medgen.sample_data import build_sample_data
     from medgen.volume import Volume, VolumeMeta
 
