@@ -211,7 +211,7 @@ def _relative_key(path: Path, roots: Sequence[Path]) -> str:
     """Path relative to the parent of the source root it lies under: stable when the tree moves."""
     ap = path.absolute()
     for r in roots:
-        base = r if r.is_dir() else r.parent
+        base = (r if r.is_dir() else r.parent).absolute()  # a relative root must not fall through to ap
         try:
             return str(ap.relative_to(base.parent))
         except ValueError:

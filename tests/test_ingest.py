@@ -197,3 +197,18 @@ def test_ingested_volumes_are_canonical_and_keep_world_geometry(tree, tmp_path):
 def test_missing_source_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ingest(tmp_path / "nope", tmp_path / "out")
+
+
+def test_scan_ids_do_not_depend_on_where_the_tree_lies(tree, tmp_path, monkeypatch):
+    """A tree given by a relative path, then moved elsewhere: the same scan ids (so the same splits,
+    training order and model), since ids hash the path below the source root, not its location."""
+    moved = tmp_path / "elsewhere" / "deeper"
+    moved.mkdir(parents=True)
+    shutil.copytree(tree, moved / tree.name)
+    monkeypatch.chdir(tree.parent)
+    a = ingest(tree.name, tmp_path / "a", salt="s")
+    monkeypatch.chdir(moved)
+    b = ingest(tree.name, tmp_path / "b", salt="s")
+    c = ingest(moved / tree.name, tmp_path / "c", salt="s")  # absolute this time
+    ids = [sorted(r["scan_id"] for r in rep.rows) for rep in (a, b, c)]
+    assert ids[0] == ids[1] == ids[2] and len(ids[0]) >= 3
