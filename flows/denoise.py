@@ -58,7 +58,12 @@ def run_denoise(config_path: str, out: str | None = None) -> list[dict]:
 
 @flow(name="medgen-denoise", log_prints=True)
 def denoise_flow(config_path: str, out: str | None = None) -> list[dict]:
-    return run_denoise(config_path, out)
+    from prefect.artifacts import create_table_artifact
+
+    results = run_denoise(config_path, out)
+    table = [{"scan": r["scan"], "sigma": r.get("sigma"), "result": r.get("error") or ", ".join(r["outputs"])} for r in results]
+    create_table_artifact(key="denoise-summary", table=table, description="scans through medgen.denoise")
+    return results
 
 
 if __name__ == "__main__":

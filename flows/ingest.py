@@ -65,9 +65,22 @@ def run_ingest(config_path: str) -> dict:
     }
 
 
+def publish_manifest_summary(result: dict) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    table = [{"status": "accepted", "split": s, "scans": n} for s, n in result["splits"].items()]
+    table.append({"status": "rejected", "split": "", "scans": result["rejected"]})
+    create_table_artifact(
+        key="manifest-summary", table=table,
+        description=f"{result['manifest']}: {result['converted']} scans converted, {result['reused']} unchanged",
+    )
+
+
 @flow(name="medgen-ingest", log_prints=True)
 def ingest_flow(config_path: str) -> dict:
-    return run_ingest(config_path)
+    result = run_ingest(config_path)
+    publish_manifest_summary(result)
+    return result
 
 
 def with_runner(flow_obj, config_path: str):

@@ -28,29 +28,19 @@ def _runner(f, cfg):
     return f.with_options(task_runner=r) if r is not None else f
 
 
-def publish_artifacts(ingest: dict, synth: dict, denoised: list[dict]) -> None:
-    """Artifacts on the run: manifest summary table, the quality report, the gate verdict."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+def publish_summary(result: dict) -> None:
+    """The pipeline run's own artifact: stage times and where everything went (the stages publish
+    theirs: manifest summary, quality report, gate verdict, denoising table)."""
+    from prefect.artifacts import create_markdown_artifact
 
-    table = [{"status": "accepted", "split": s, "scans": n} for s, n in ingest["splits"].items()]
-    table.append({"status": "rejected", "split": "", "scans": ingest["rejected"]})
-    create_table_artifact(key="manifest-summary", table=table, description=f"{ingest['manifest']}: {ingest['converted']} converted, {ingest['reused']} unchanged")
-    v = synth["verdict"]
-    md_path = Path(v["markdown"])
-    report_md = md_path.read_text()
-    quality_dir = md_path.parent.resolve()
-    # links to the montage and plots by absolute file URI, so they open from the Prefect UI's host
-    report_md = report_md.replace("](montage.png)", f"]({(quality_dir / 'montage.png').as_uri()})").replace(
-        "](histograms.png)", f"]({(quality_dir / 'histograms.png').as_uri()})"
-    )
-    create_markdown_artifact(key="quality-report", markdown=report_md, description="medgen quality report")
-    lines = [f"# Gate verdict: {'PASS' if v['passed'] else 'FAIL'}", ""]
-    lines += [f"- {r}" for r in v["reasons"]]
-    lines += [f"- passed: {', '.join(v['passing']) or 'none'}"]
-    lines += [f"- failed {name}: {'; '.join(reasons)}" for name, reasons in v["failing"].items()]
-    lines += [f"- exported {e['format']}: {len(e['exported'])} volume(s) -> {e['out']}" for e in synth["exports"]]
-    lines += [f"- denoised {d['scan']}: " + (d.get("error") or ", ".join(d["outputs"])) for d in denoised]
-    create_markdown_artifact(key="gate-verdict", markdown="\n".join(lines), description="what passed the gate and left the pipeline")
+    syn, v = result["synthesize"], result["synthesize"]["verdict"]
+    lines = ["# medgen pipeline", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {t:.1f} |" for k, t in result["seconds"].items()]
+    lines += ["", f"- manifest: {result['ingest']['manifest']}", f"- generator: {result['train']['generator']}",
+              f"- gate: {'PASS' if v['passed'] else 'FAIL'}, {len(v['passing'])} passing, report {v['markdown']}"]
+    lines += [f"- export {e['format']}: {len(e['exported'])} -> {e['out']}" for e in syn["exports"]]
+    lines += [f"- denoised {d['scan']}: " + (d.get("error") or ", ".join(d["outputs"])) for d in result["denoise"]]
+    create_markdown_artifact(key="pipeline-summary", markdown="\n".join(lines), description="medgen pipeline run")
 
 
 def run_pipeline(config_path: str) -> dict:
@@ -71,8 +61,9 @@ def run_pipeline(config_path: str) -> dict:
         t = time.perf_counter()
         denoised = _runner(denoise_flow, cfg)(config_path)
         times["denoise"] = time.perf_counter() - t
-    publish_artifacts(ing, synth, denoised)
-    return {"config": config_path, "ingest": ing, "train": trained, "synthesize": synth, "denoise": denoised, "seconds": times}
+    result = {"config": config_path, "ingest": ing, "train": trained, "synthesize": synth, "denoise": denoised, "seconds": times}
+    publish_summary(result)
+    return result
 
 
 @flow(name="medgen-pipeline", log_prints=True)

@@ -122,9 +122,31 @@ def _training_manifest(generator: str) -> str | None:
     return meta.get("provenance", {}).get("training_manifest")
 
 
+def publish_quality(result: dict) -> None:
+    """The quality report (montage and histograms linked by file URI, so they open from the UI's
+    host) and the gate verdict with what left the pipeline."""
+    from prefect.artifacts import create_markdown_artifact
+
+    v = result["verdict"]
+    md_path = Path(v["markdown"])
+    quality_dir = md_path.parent.resolve()
+    report_md = md_path.read_text()
+    for name in ("montage.png", "histograms.png"):
+        report_md = report_md.replace(f"]({name})", f"]({(quality_dir / name).as_uri()})")
+    create_markdown_artifact(key="quality-report", markdown=report_md, description="medgen quality report")
+    lines = [f"# Gate verdict: {'PASS' if v['passed'] else 'FAIL'}", ""]
+    lines += [f"- {r}" for r in v["reasons"]]
+    lines += [f"- passed: {', '.join(v['passing']) or 'none'}"]
+    lines += [f"- failed {name}: {'; '.join(reasons)}" for name, reasons in v["failing"].items()]
+    lines += [f"- exported {e['format']}: {len(e['exported'])} volume(s) -> {e['out']}" for e in result["exports"]]
+    create_markdown_artifact(key="gate-verdict", markdown="\n".join(lines), description="what passed the gate and left the pipeline")
+
+
 @flow(name="medgen-synthesize", log_prints=True)
 def synthesize_flow(config_path: str, generator: str, out: str | None = None) -> dict:
-    return run_synthesize(config_path, generator, out)
+    result = run_synthesize(config_path, generator, out)
+    publish_quality(result)
+    return result
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def test_artifacts_are_published(first_run):
 
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts(limit=200)}
-    assert {"manifest-summary", "quality-report", "gate-verdict"} <= keys
+    assert {"manifest-summary", "quality-report", "gate-verdict", "denoise-summary", "pipeline-summary"} <= keys
 
 
 def test_second_run_with_nothing_changed_does_no_work(first_run, tiny):
