@@ -90,6 +90,12 @@ def task_runner(cfg: PipelineConfig):
     return DaskTaskRunner(cluster_kwargs={"n_workers": o.dask_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
 
 
+def with_task_runner(flow_obj, cfg: PipelineConfig):
+    """`flow_obj` with the configured task runner (unchanged for the default one)."""
+    runner = task_runner(cfg)
+    return flow_obj.with_options(task_runner=runner) if runner is not None else flow_obj
+
+
 def ensure_gpu_limit(slots: int, name: str = "gpu") -> None:
     """Create the global concurrency limit `gpu` when the server has none (an existing one, set by
     whoever runs the server, is left as it is)."""
@@ -104,4 +110,4 @@ def ensure_gpu_limit(slots: int, name: str = "gpu") -> None:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
 
 
-__all__ = ["KEY_PARAM", "by_key", "cached", "config", "section_hash", "file_sha", "fresh", "stamp", "io_retries", "task_runner", "ensure_gpu_limit"]
+__all__ = ["KEY_PARAM", "by_key", "cached", "config", "section_hash", "file_sha", "fresh", "stamp", "io_retries", "task_runner", "with_task_runner", "ensure_gpu_limit"]

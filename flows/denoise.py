@@ -67,6 +67,6 @@ def denoise_flow(config_path: str, out: str | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from flows.ingest import with_runner
+    from flows.common import with_task_runner
 
-    print(with_runner(denoise_flow, sys.argv[1])(sys.argv[1]))
+    print(with_task_runner(denoise_flow, config(sys.argv[1]))(sys.argv[1]))

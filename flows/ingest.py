@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import config, io_retries, task_runner
+from flows.common import config, io_retries, with_task_runner
 
 
 @task
@@ -83,11 +83,6 @@ def ingest_flow(config_path: str) -> dict:
     return result
 
 
-def with_runner(flow_obj, config_path: str):
-    runner = task_runner(config(config_path))
-    return flow_obj.with_options(task_runner=runner) if runner is not None else flow_obj
-
-
 if __name__ == "__main__":
     path = sys.argv[1] if len(sys.argv) > 1 else str(Path("configs/demo.yaml"))
-    print(with_runner(ingest_flow, path)(path))
+    print(with_task_runner(ingest_flow, config(path))(path))

@@ -16,16 +16,11 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.common import config, task_runner
+from flows.common import config, with_task_runner
 from flows.denoise import denoise_flow
 from flows.ingest import ingest_flow
 from flows.synthesize import synthesize_flow
 from flows.train import train_flow
-
-
-def _runner(f, cfg):
-    r = task_runner(cfg)
-    return f.with_options(task_runner=r) if r is not None else f
 
 
 def publish_summary(result: dict) -> None:
@@ -48,18 +43,18 @@ def run_pipeline(config_path: str) -> dict:
     cfg.require("ingest", "data", "autoencoder", "diffusion")
     times: dict[str, float] = {}
     t = time.perf_counter()
-    ing = _runner(ingest_flow, cfg)(config_path)
+    ing = with_task_runner(ingest_flow, cfg)(config_path)
     times["ingest"] = time.perf_counter() - t
     t = time.perf_counter()
     trained = train_flow(config_path, ing["manifest"])
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()
-    synth = _runner(synthesize_flow, cfg)(config_path, trained["generator"])
+    synth = with_task_runner(synthesize_flow, cfg)(config_path, trained["generator"])
     times["synthesize"] = time.perf_counter() - t
     denoised: list[dict] = []
     if cfg.denoise is not None:
         t = time.perf_counter()
-        denoised = _runner(denoise_flow, cfg)(config_path)
+        denoised = with_task_runner(denoise_flow, cfg)(config_path)
         times["denoise"] = time.perf_counter() - t
     result = {"config": config_path, "ingest": ing, "train": trained, "synthesize": synth, "denoise": denoised, "seconds": times}
     publish_summary(result)

@@ -116,10 +116,9 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
 
 
 def _training_manifest(generator: str) -> str | None:
-    import json
+    from medgen.models.bundle import generator_metadata
 
-    meta = json.loads((Path(generator) / "configs" / "metadata.json").read_text())
-    return meta.get("provenance", {}).get("training_manifest")
+    return generator_metadata(generator).get("provenance", {}).get("training_manifest")
 
 
 def publish_quality(result: dict) -> None:
@@ -150,6 +149,6 @@ def synthesize_flow(config_path: str, generator: str, out: str | None = None) ->
 
 
 if __name__ == "__main__":
-    from flows.ingest import with_runner
+    from flows.common import with_task_runner
 
-    print(with_runner(synthesize_flow, sys.argv[1])(sys.argv[1], sys.argv[2]))
+    print(with_task_runner(synthesize_flow, config(sys.argv[1]))(sys.argv[1], sys.argv[2]))

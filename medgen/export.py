@@ -120,7 +120,8 @@ def export_run(run: str | Path, out: str | Path, fmt: ExportFormat = "nifti") ->
     from medgen.manifest import schema
     from medgen.provenance import sha256_file
     from medgen.synthesis import read_record
-    from medgen.validate import QUALITY_DIR, REPORT, _generator_meta, read_report
+    from medgen.models.bundle import generator_metadata
+    from medgen.validate import QUALITY_DIR, REPORT, read_report
 
     if fmt not in ("nifti", "dicom"):
         raise ExportError(f"unknown export format {fmt!r} (nifti or dicom)")
@@ -130,7 +131,7 @@ def export_run(run: str | Path, out: str | Path, fmt: ExportFormat = "nifti") ->
     if not report["batch"]["passed"]:
         raise ExportError(f"{run}: the batch failed the gate ({'; '.join(report['batch']['reasons'])}); nothing exported")
     report_sha = sha256_file(run / QUALITY_DIR / REPORT)
-    gen_meta = _generator_meta(Path(record.generator))
+    gen_meta = generator_metadata(record.generator)
     gen_prov = gen_meta.get("provenance", {})
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)

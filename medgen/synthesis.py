@@ -103,10 +103,9 @@ def write_record(
 
 def model_sampler(generator: str | Path, sampler: str | None) -> str:
     """The sampler a run will use: the given one, or the generator's own scheduler."""
-    if sampler:
-        return sampler
-    meta = json.loads((Path(generator) / "configs" / "metadata.json").read_text())
-    return meta["diffusion"]["scheduler"]
+    from medgen.models.bundle import generator_metadata
+
+    return sampler or generator_metadata(generator)["diffusion"]["scheduler"]
 
 
 def synthesize(

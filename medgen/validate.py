@@ -22,6 +22,7 @@ import numpy as np
 from medgen.config import DataConfig, QualityConfig
 from medgen.errors import MedgenError
 from medgen.metrics.gate import BatchResult
+from medgen.models.bundle import generator_metadata
 from medgen.preprocess import IntensityMap, fingerprint, model_affine
 from medgen.provenance import sha256_file, sha256_json
 from medgen.synthesis import SynthesisRecord, read_record
@@ -46,13 +47,6 @@ class Validation:
         return self.result.passed
 
 
-def _generator_meta(path: Path) -> dict:
-    meta_path = path / "configs" / "metadata.json"
-    if not meta_path.exists():
-        raise ValidationError(f"{path}: generator folder not found (recorded in the run's synthesis.json)")
-    return json.loads(meta_path.read_text())
-
-
 def _reference_items(manifest: Path, data_cfg: DataConfig, provenance: dict, heldout_splits: list[str]) -> tuple[list[dict], list[dict]]:
     from medgen.data import manifest_items
 
@@ -65,8 +59,9 @@ def _reference_items(manifest: Path, data_cfg: DataConfig, provenance: dict, hel
 
 def validate_run(run: str | Path, *, quality: QualityConfig = QualityConfig(), manifest: str | Path | None = None) -> Validation:
     """Assess every volume of the run and write the report files; returns the verdicts."""
-    from medgen.data import prepare
     import nibabel as nib
+
+    from medgen.data import prepare
     from medgen.metrics.features import EncoderSettings, load_encoder, train_encoder
     from medgen.metrics.gate import assess, build_reference
     from medgen.report import write_report_files
@@ -74,7 +69,7 @@ def validate_run(run: str | Path, *, quality: QualityConfig = QualityConfig(), m
     run = Path(run)
     record = read_record(run)
     gen_path = Path(record.generator)
-    meta = _generator_meta(gen_path)
+    meta = generator_metadata(gen_path)
     prov = meta.get("provenance", {})
     manifest = Path(manifest or prov.get("training_manifest") or "")
     if not manifest.is_file():
@@ -108,8 +103,9 @@ def validate_run(run: str | Path, *, quality: QualityConfig = QualityConfig(), m
         ok = data.shape == tuple(data_cfg.size) and np.allclose(img.affine, affine, atol=1e-3)
         geometry_ok.append(bool(ok))
         arrays.append((imap.to_model(data) if ok else np.zeros(data_cfg.size)).astype(np.float32))
+    volumes = np.stack(arrays)
     ref = build_reference(train, held, [i["scan_id"] for i in train_items], encoder, quality.gate)
-    result = assess(np.stack(arrays), [v.name for v in record.volumes], ref, quality.gate, geometry_ok)
+    result = assess(volumes, [v.name for v in record.volumes], ref, quality.gate, geometry_ok)
     result.extra = {
         "generator_sha256": record.generator_sha256,
         "training_manifest_sha256": prov.get("training_manifest_sha256"),  # as the generator recorded it
@@ -119,7 +115,7 @@ def validate_run(run: str | Path, *, quality: QualityConfig = QualityConfig(), m
         "volume_sha256": {v.name: v.sha256 for v in record.volumes},
     }
     out = run / QUALITY_DIR
-    report_path = write_report_files(out, record, result, np.stack(arrays), ref)
+    report_path = write_report_files(out, record, result, volumes, ref)
     return Validation(run=run, record=record, result=result, report_path=report_path)
 
 

@@ -4,7 +4,6 @@ idempotence, atomicity under a kill, and no identifying value from a source scan
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

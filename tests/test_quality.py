@@ -7,21 +7,13 @@ and build a 'synthetic' run from held-out real volumes, which an honest gate mus
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from medgen.config import DataConfig, GateConfig, IntensityConfig, QualityConfig, FeatureEncoderConfig
-from medgen.data import manifest_items, prepare
+from medgen.config import DataConfig, GateConfig, IntensityConfig
+from medgen.data import prepare
 from medgen.metrics import fidelity
 from medgen.metrics.features import EncoderSettings, train_encoder
 from medgen.metrics.gate import assess, build_reference, realism

@@ -11,6 +11,7 @@ pickled code, so loading never executes anything from the file.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,15 @@ def save_generator(
         "provenance": provenance,
     }
     return write_model_folder(path, meta, {"autoencoder": autoencoder_state, "diffusion": diffusion_state})
+
+
+def generator_metadata(path: str | Path) -> dict[str, Any]:
+    """A generator folder's configs/metadata.json (no weights loaded): what validation, export and
+    the flows need to know about a model without building its networks."""
+    meta_path = Path(path) / "configs" / "metadata.json"
+    if not meta_path.exists():
+        raise BundleError(f"{path}: not a generator folder (no configs/metadata.json)")
+    return json.loads(meta_path.read_text())
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
