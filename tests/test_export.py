@@ -253,3 +253,29 @@ def test_cli_validate_and_export(passing_run, world, tmp_path):
     assert r.exit_code == 2 and "FAIL" in r.output
     r = runner.invoke(app, ["export", str(run_dir), "--out", str(tmp_path / "y")])
     assert r.exit_code != 0 and "failed the gate" in str(r.exception)
+
+
+def test_bad_runs_get_clear_typed_errors(passing_run, world, tmp_path):
+    from medgen.synthesis import RunError
+
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    with pytest.raises(RunError, match="not_a_run.*no synthesis.json"):
+        validate_run(empty)
+    with pytest.raises(ValidationError, match="training manifest .*nowhere.csv.* is not there"):
+        validate_run(passing_run[0], quality=QUALITY, manifest=tmp_path / "nowhere.csv")
+    with pytest.raises(ExportError, match="unknown export format 'png'"):
+        export_run(passing_run[0], tmp_path / "out", "png")  # type: ignore[arg-type]
+    broken = fake_run(world, tmp_path / "run", [np.zeros((16, 16, 16), np.float32)])
+    (broken / RECORD).write_text("{not json")
+    with pytest.raises(RunError, match="unreadable synthesis record"):
+        validate_run(broken)
+
+
+def test_serving_without_a_server_is_refused(monkeypatch):
+    from flows import serve
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(sys, "argv", ["serve", "configs/schedules.yaml"])
+    with pytest.raises(SystemExit, match="needs a Prefect server"):
+        serve.main()

@@ -47,6 +47,7 @@ class Reference:
     thresholds: Thresholds
     calibration: dict[str, list[float]]  # held-out similarities and W1 (reported)
     heldout_realism: dict[str, float | None]  # the realism metrics of held-out reals: the baseline
+    real_diversity: float | None  # mean pairwise MS-SSIM of the training set
 
 
 def radiomics_z(rad: np.ndarray, train_rad: np.ndarray) -> np.ndarray:
@@ -72,7 +73,8 @@ def build_reference(train: np.ndarray, heldout: np.ndarray, train_ids: list[str]
     ho_cos = nearest_feature_cosine(hf, tf).similarity
     ho_w1 = np.array([fidelity.volume_w1(v, values) for v in heldout])
     train_rad = np.stack([fidelity.radiomics(v) for v in train])
-    ho_rz = radiomics_z(np.stack([fidelity.radiomics(v) for v in heldout]), train_rad)
+    ho_rad = np.stack([fidelity.radiomics(v) for v in heldout])
+    ho_rz = radiomics_z(ho_rad, train_rad)
     tol, ftol = gate.intensity_tolerance, gate.foreground_tolerance
     thresholds = Thresholds(
         intensity_low=float(ranges[:, 0].min() - tol),
@@ -92,8 +94,9 @@ def build_reference(train: np.ndarray, heldout: np.ndarray, train_ids: list[str]
             "heldout_histogram_w1": ho_w1.tolist(), "heldout_radiomics_z": ho_rz.tolist(),
         },
         heldout_realism={},
+        real_diversity=mean_pairwise_ms_ssim(train),
     )
-    ref.heldout_realism = realism(heldout, ref, hf)
+    ref.heldout_realism = realism(heldout, ref, hf, ho_rad)
     return ref
 
 
@@ -129,12 +132,15 @@ class BatchResult:
         return asdict(self)
 
 
-def realism(volumes: np.ndarray, ref: Reference, features: np.ndarray | None = None) -> dict[str, float | None]:
-    """Set-level distances to the training set (None where a set is too small)."""
+def realism(
+    volumes: np.ndarray, ref: Reference, features: np.ndarray | None = None, radiomics: np.ndarray | None = None
+) -> dict[str, float | None]:
+    """Set-level distances to the training set (None where a set is too small). `features` and
+    `radiomics`, when the caller has them already, save computing them again."""
     if len(volumes) == 0:
         return {k: None for k in ("fid", "kid", "mmd", "frd", "histogram_w1")}
     f = ref.encoder(volumes) if features is None else features
-    rad = np.stack([fidelity.radiomics(v) for v in volumes])
+    rad = np.stack([fidelity.radiomics(v) for v in volumes]) if radiomics is None else radiomics
     return {
         "fid": fidelity.fid(f, ref.train_features),
         "kid": fidelity.kid(f, ref.train_features) if len(f) > 1 else None,
@@ -155,6 +161,8 @@ def assess(volumes: np.ndarray, names: list[str], ref: Reference, gate: GateConf
     feats = ref.encoder(good) if len(good) else np.zeros((0, ref.train_features.shape[1]))
     ncc = nearest_ncc(good, ref.train) if len(good) else None
     cos = nearest_feature_cosine(feats, ref.train_features) if len(good) else None
+    rad = np.stack([fidelity.radiomics(v) for v in good]) if len(good) else None
+    rz_all = radiomics_z(rad, ref.train_radiomics) if rad is not None else None
     row = {n: i for i, n in enumerate(good_names)}
     for v, name, ok, geo in zip(volumes, names, finite, geometry_ok):
         reasons: list[str] = []
@@ -169,7 +177,7 @@ def assess(volumes: np.ndarray, names: list[str], ref: Reference, gate: GateConf
             lo, hi = _robust_range(v)
             fg = float(fidelity.foreground(v).mean())
             w1 = fidelity.volume_w1(v, ref.train_values)
-            rz = float(radiomics_z(fidelity.radiomics(v)[None], ref.train_radiomics)[0])
+            rz = float(rz_all[i])
             checks.update(
                 intensity_p0_5=lo, intensity_p99_5=hi, foreground_fraction=fg, histogram_w1=w1, radiomics_z=rz,
                 nearest_ncc=float(ncc.similarity[i]), nearest_feature_cosine=float(cos.similarity[i]),
@@ -189,8 +197,8 @@ def assess(volumes: np.ndarray, names: list[str], ref: Reference, gate: GateConf
                 nearest_f = ref.train_ids[int(cos.index[i])]
                 reasons.append(f"memorized: feature cosine {cos.similarity[i]:.4f} with training scan {nearest_f} > {th.feature_cosine:.4f}")
         verdicts.append(VolumeVerdict(name=name, passed=not reasons, reasons=reasons, checks=checks, nearest_train=nearest))
-    real = realism(good, ref, feats) if len(good) else realism(good, ref)
-    div = {"synthetic_mean_pairwise_ms_ssim": mean_pairwise_ms_ssim(good), "real_mean_pairwise_ms_ssim": mean_pairwise_ms_ssim(ref.train)}
+    real = realism(good, ref, feats, rad)
+    div = {"synthetic_mean_pairwise_ms_ssim": mean_pairwise_ms_ssim(good), "real_mean_pairwise_ms_ssim": ref.real_diversity}
     reasons = []
     n_pass = sum(v.passed for v in verdicts)
     if len(verdicts) == 0 or n_pass / len(verdicts) < gate.min_pass_fraction:
