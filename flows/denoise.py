@@ -61,7 +61,7 @@ def denoise_flow(config_path: str, out: str | None = None) -> list[dict]:
     from prefect.artifacts import create_table_artifact
 
     results = run_denoise(config_path, out)
-    table = [{"scan": r["scan"], "sigma": r.get("sigma"), "result": r.get("error") or ", ".join(r["outputs"])} for r in results]
+    table = [{"scan": r["scan"], "sigma": r.get("sigma"), "result": r.get("error") or ", ".join(r["outputs"]), "notes": "; ".join(r.get("notes", []))} for r in results]
     create_table_artifact(key="denoise-summary", table=table, description="scans through medgen.denoise")
     return results
 

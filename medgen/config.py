@@ -98,7 +98,7 @@ class StageTrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
-    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; bf16: also on a CPU with native bf16
     ema_decay: float | None = Field(None, ge=0, lt=1)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)

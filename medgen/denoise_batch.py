@@ -113,4 +113,4 @@ def denoise_scan(
     r = denoise_detailed(vol, model=model, sigma=sigma, noise=noise, method=method, n_samples=n_samples, seed=seed, device=device)  # type: ignore[arg-type]
     out = Path(out_dir) / f"{ref.name}_denoised.nii.gz"
     written = write_denoised(vol, r.volume, r.std, nifti=out, dicom=Path(out_dir) / f"{ref.name}_denoised_dicom")
-    return {"scan": ref.name, "outputs": [str(p) for p in written], "sigma": float(r.sigma), "sigma_estimated": bool(r.sigma_estimated)}
+    return {"scan": ref.name, "outputs": [str(p) for p in written], "sigma": float(r.sigma), "sigma_estimated": bool(r.sigma_estimated), "notes": list(r.notes)}

