@@ -11,10 +11,12 @@ edges and thin shells (medgen.sample_data.nested_phantom, seed 3). Held out, nev
 by tests and benchmarks/denoise.py: nibabel's anatomical.nii (real T1), frame 0 of nibabel's
 example4d.nii.gz (real EPI), and the 3D MR Shepp-Logan phantom (phantominator).
 
-The shipped model was trained in three stages, each from the last (--init), all recorded in its
+--coarse-brains N adds the template at 3 and 4 mm and N variants at 3 mm (seed 4).
+
+The shipped model was trained in four stages, each from the last (--init), all recorded in its
 metadata (provenance.command, and initialised_from for the earlier stages): 3.4 min on an H200,
-22.5 min on CPU with 8 sharp phantoms, then on CPU in bf16 (configs/denoise_finetune_bf16.yaml)
-with 8 sharp and 16 nested phantoms.
+22.5 min on CPU with 8 sharp phantoms, 25.5 min on CPU in bf16 (configs/denoise_finetune_bf16.yaml)
+with 8 sharp and 16 nested phantoms, and 21 min more with --coarse-brains 8 as well.
 
 --export-npz / --from-npz move the training arrays to a machine without nilearn (the GPU box).
 The number of steps is the config's, or fewer to fit --max-minutes (measured over 20 warm-up steps),
@@ -64,6 +66,7 @@ def main() -> None:
     ap.add_argument("--init", type=Path, help="fine-tune from this score-model folder (recorded)")
     ap.add_argument("--sharp-phantoms", type=int, default=0, help="add N piecewise-constant random-ellipsoid phantoms (seed 2)")
     ap.add_argument("--nested-phantoms", type=int, default=0, help="add N piecewise-constant head-like phantoms with faint edges (seed 3)")
+    ap.add_argument("--coarse-brains", type=int, default=0, help="add the MNI template at 3 and 4 mm and N variants of it at 3 mm (seed 4)")
     ap.add_argument("--export-npz", type=Path)
     ap.add_argument("--from-npz", type=Path)
     args = ap.parse_args()
@@ -83,6 +86,16 @@ def main() -> None:
         rng = np.random.default_rng(3)
         for i in range(args.nested_phantoms):
             arrays[f"nested_phantom_{i}"] = nested_phantom((64, 64, 64), rng)
+    if args.coarse_brains:
+        from scipy.ndimage import zoom
+
+        from medgen.sample_data import mni_template, template_population
+
+        mni, affine = mni_template()
+        arrays["mni152_t1_3mm"] = np.asarray(zoom(mni, 1 / 3, order=1), np.float32)
+        arrays["mni152_t1_4mm"] = np.asarray(zoom(mni, 1 / 4, order=1), np.float32)
+        for i, v in enumerate(template_population(args.coarse_brains, seed=4, spacing=3.0, template=(mni, affine))):
+            arrays[f"mni152_variant_{i:02d}_3mm"] = (v.data / np.percentile(v.data, 99.5)).astype(np.float32)
     if args.export_npz:
         np.savez_compressed(args.export_npz, **{k: v.astype(np.float16) for k, v in arrays.items()})
         print(f"wrote {args.export_npz}")

@@ -210,9 +210,9 @@ def denoise_detailed(
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sm = model if isinstance(model, ScoreModel) else load_score_model(model, device=dev)
     sm.unet.to(dev)
-    y_np, lo, hi = normalise(vol.data)
     estimated = sigma is None
     sigma_units = estimate_sigma(vol.data, noise) if estimated else float(sigma)  # type: ignore[arg-type]
+    y_np, lo, hi = normalise(vol.data, sigma_units)
     s_asked = sigma_units / (hi - lo)
     s_lo, s_hi = sm.schedule.sigma_range
     s = float(np.clip(s_asked, s_lo, s_hi))

@@ -77,6 +77,19 @@ def test_a_scan_cleaner_than_the_models_range_is_barely_touched_and_warned_about
     assert np.abs(at_min.data - phantom).max() > 4 * np.abs(clean.data - phantom).max()
 
 
+def test_normalisation_keeps_a_noisy_zero_background_at_zero_but_not_ct_air(phantom):
+    """Training sees a clean zero background at 0; a noisy scan's negatives that noise explains
+    must not shift it (lo = 0), while real negative values (CT air in HU) still set lo."""
+    from medgen.train.score import normalise
+
+    y = phantom + 0.05 * np.random.default_rng(5).standard_normal(phantom.shape).astype(np.float32)
+    assert normalise(y)[1] < -0.1  # without the noise level: the 0.5th percentile, ~ -2.6 sigma
+    _, lo, hi = normalise(y, 0.05)
+    assert lo == 0.0 and abs(hi - np.percentile(y, 99.5)) < 1e-6
+    ct = phantom * 1400 - 1000 + 10 * np.random.default_rng(6).standard_normal(phantom.shape).astype(np.float32)
+    assert normalise(ct, 10.0)[1] == pytest.approx(np.percentile(ct, 0.5))
+
+
 def test_bf16_inference_matches_fp32(phantom, model):
     """'auto' runs the network in bf16 on a CPU with native bf16: it must denoise as well as fp32."""
     y = phantom[8:40, 8:40, 8:40] + 0.05 * np.random.default_rng(4).standard_normal((32, 32, 32)).astype(np.float32)
