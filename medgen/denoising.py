@@ -238,6 +238,11 @@ def denoise_detailed(
         out = x[0, 0].float().cpu().numpy() * (hi - lo) + lo
         if noise == "rician":
             out = np.sqrt(np.maximum(out**2 - sigma_units**2, 0.0))
+        elif lo == 0.0:
+            # The scan's negatives are all noise (see normalise), so the clean scan is >= 0 and so
+            # is its MMSE estimate; projecting onto that can only bring each voxel closer (measured
+            # +0.1 to +0.35 dB on the Shepp-Logan phantom, +-0.01 dB on the real volumes).
+            out = np.maximum(out, 0.0)
         return out.astype(np.float32)
 
     def as_vol(data: np.ndarray, note: str) -> Volume:

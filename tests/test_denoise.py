@@ -90,6 +90,14 @@ def test_normalisation_keeps_a_noisy_zero_background_at_zero_but_not_ct_air(phan
     assert normalise(ct, 10.0)[1] == pytest.approx(np.percentile(ct, 0.5))
 
 
+def test_a_non_negative_scan_stays_non_negative_and_ct_keeps_its_negative_values(phantom, model):
+    y = phantom + 0.05 * np.random.default_rng(5).standard_normal(phantom.shape).astype(np.float32)
+    assert y.min() < -0.1
+    assert denoise(y, model=model, sigma=0.05, device="cpu").data.min() >= 0.0
+    ct = Volume(phantom * 1400 - 1000 + 20 * np.random.default_rng(6).standard_normal(phantom.shape).astype(np.float32), np.eye(4), VolumeMeta(modality="CT", units="HU"))
+    assert denoise(ct, model=model, sigma=20.0, device="cpu").data.min() < -900
+
+
 def test_bf16_inference_matches_fp32(phantom, model):
     """'auto' runs the network in bf16 on a CPU with native bf16: it must denoise as well as fp32."""
     y = phantom[8:40, 8:40, 8:40] + 0.05 * np.random.default_rng(4).standard_normal((32, 32, 32)).astype(np.float32)
