@@ -26,6 +26,7 @@ and is recorded.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import shutil
 import sys
@@ -36,12 +37,20 @@ from pathlib import Path
 import numpy as np
 
 
+@functools.lru_cache(maxsize=1)
+def _mni() -> tuple[np.ndarray, np.ndarray]:
+    """The MNI template (array, affine), read once for the base set and --coarse-brains."""
+    from medgen.sample_data import mni_template
+
+    return mni_template()
+
+
 def training_arrays() -> dict[str, np.ndarray]:
     from scipy.ndimage import zoom
 
-    from medgen.sample_data import mni_template, random_phantom, template_population
+    from medgen.sample_data import random_phantom, template_population
 
-    mni, affine = mni_template()
+    mni, affine = _mni()
     arrays = {"mni152_t1_1mm": mni, "mni152_t1_2mm": zoom(mni, 0.5, order=1)}
     for i, v in enumerate(template_population(16, seed=0, template=(mni, affine))):
         arrays[f"mni152_variant_{i:02d}_2mm"] = v.data / np.percentile(v.data, 99.5)
@@ -89,9 +98,9 @@ def main() -> None:
     if args.coarse_brains:
         from scipy.ndimage import zoom
 
-        from medgen.sample_data import mni_template, template_population
+        from medgen.sample_data import template_population
 
-        mni, affine = mni_template()
+        mni, affine = _mni()
         arrays["mni152_t1_3mm"] = np.asarray(zoom(mni, 1 / 3, order=1), np.float32)
         arrays["mni152_t1_4mm"] = np.asarray(zoom(mni, 1 / 4, order=1), np.float32)
         for i, v in enumerate(template_population(args.coarse_brains, seed=4, spacing=3.0, template=(mni, affine))):

@@ -92,7 +92,7 @@ def print_summary(result: dict, wall: float) -> None:
     )
     if result["denoise"]:
         table.add_row("denoise", f"{result['seconds']['denoise']:.1f}", "; ".join(
-            d.get("error") or f"{d['scan']} (sigma {d['sigma']:.3g}{', below the model range: barely changed' if any('below' in n for n in d.get('notes', [])) else ''}) -> {Path(d['outputs'][0]).parent}"
+            d.get("error") or f"{d['scan']} (sigma {d['sigma']:.3g}{''.join('; ' + n for n in d.get('notes', []))}) -> {Path(d['outputs'][0]).parent}"
             for d in result["denoise"]))
     console.print(table)
     console.print(f"run folder: {Path(syn['run']).parent}   report: {v['markdown']}   montage: {Path(v['markdown']).with_name('montage.png')}")
