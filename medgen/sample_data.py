@@ -76,20 +76,27 @@ def mni_template() -> tuple[np.ndarray, np.ndarray]:
     return data / np.percentile(data, 99.5), img.affine
 
 
+def _unit_grid(shape: tuple[int, int, int]) -> np.ndarray:
+    """(3, *shape) voxel-centre coordinates spanning [-1, 1] along each axis."""
+    return np.stack(np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij"))
+
+
+def _ellipsoid(g: np.ndarray, c: np.ndarray, r: np.ndarray, angles: tuple[float, float, float]) -> np.ndarray:
+    """Mask of the ellipsoid with centre c, semi-axes r, rotated by `angles` (degrees), on grid g."""
+    q = np.einsum("ij,j...->i...", rotation(angles).astype(np.float32), g - c.astype(np.float32)[:, None, None, None])
+    return ((q / r.astype(np.float32)[:, None, None, None]) ** 2).sum(0) < 1
+
+
 def random_phantom(shape: tuple[int, int, int], rng: np.random.Generator, sharp: bool = False) -> np.ndarray:
     """Random overlapping ellipsoids, with smooth textures or (`sharp`) piecewise constant: training
     objects for the denoiser (the Shepp-Logan phantom itself stays a held-out test object)."""
     from scipy.ndimage import gaussian_filter
 
-    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij"))
+    g = _unit_grid(shape)
     vol = np.zeros(shape, np.float32)
     for _ in range(int(rng.integers(6, 16))):
-        c = rng.uniform(-0.5, 0.5, 3).astype(np.float32)
-        r = rng.uniform(0.08, 0.6, 3).astype(np.float32)
-        rot = rotation(tuple(rng.uniform(-90, 90, 3))).astype(np.float32)
-        q = np.einsum("ij,j...->i...", rot, g - c[:, None, None, None])
-        inside = ((q / r[:, None, None, None]) ** 2).sum(0) < 1
-        vol[inside] = rng.uniform(0.1, 1.0)
+        inside = _ellipsoid(g, rng.uniform(-0.5, 0.5, 3), rng.uniform(0.08, 0.6, 3), tuple(rng.uniform(-90, 90, 3)))
+        vol[inside] = rng.uniform(0.1, 1.0)  # drawn after the ellipsoid: the recorded training arrays depend on the order
     if sharp:
         return vol / max(float(np.percentile(vol, 99.5)), 1e-6)
     texture = gaussian_filter(rng.standard_normal(shape).astype(np.float32), 3) * 4
@@ -102,22 +109,17 @@ def nested_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> np.
     ellipsoids whose levels step away from the body's by log-uniform contrasts (1-50 %), so the
     denoiser sees faint edges and thin shells as well as strong ones. A generic family; the
     Shepp-Logan phantom itself stays a held-out test object."""
-    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, n, dtype=np.float32) for n in shape], indexing="ij"))
-
-    def ellipsoid(c: np.ndarray, r: np.ndarray, angles: tuple[float, float, float]) -> np.ndarray:
-        q = np.einsum("ij,j...->i...", rotation(angles).astype(np.float32), g - c.astype(np.float32)[:, None, None, None])
-        return ((q / r.astype(np.float32)[:, None, None, None]) ** 2).sum(0) < 1
-
+    g = _unit_grid(shape)
     c0, r0 = rng.uniform(-0.1, 0.1, 3), rng.uniform(0.6, 0.95, 3)
     angles0 = tuple(rng.uniform(-30, 30, 3))
-    outer = ellipsoid(c0, r0, angles0)
-    body = ellipsoid(c0, r0 * (1 - rng.uniform(0.03, 0.12)), angles0)
+    outer = _ellipsoid(g, c0, r0, angles0)
+    body = _ellipsoid(g, c0, r0 * (1 - rng.uniform(0.03, 0.12)), angles0)
     vol = np.zeros(shape, np.float32)
     vol[outer] = rng.uniform(0.5, 1.0)
     level = rng.uniform(0.1, 0.9)
     vol[body] = level
     for _ in range(int(rng.integers(5, 16))):
-        inner = ellipsoid(c0 + rng.uniform(-0.5, 0.5, 3) * r0, r0 * rng.uniform(0.03, 0.4, 3), tuple(rng.uniform(-90, 90, 3))) & body
+        inner = _ellipsoid(g, c0 + rng.uniform(-0.5, 0.5, 3) * r0, r0 * rng.uniform(0.03, 0.4, 3), tuple(rng.uniform(-90, 90, 3))) & body
         step = float(np.exp(rng.uniform(np.log(0.01), np.log(0.5)))) * rng.choice([-1.0, 1.0])
         vol[inner] = np.clip(level + step, 0.02, 1.0)
     return vol / max(float(np.percentile(vol, 99.5)), 1e-6)
