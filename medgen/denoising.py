@@ -214,18 +214,21 @@ def denoise_detailed(
     sigma_units = estimate_sigma(vol.data, noise) if estimated else float(sigma)  # type: ignore[arg-type]
     y_np, lo, hi = normalise(vol.data, sigma_units)
     s_asked = sigma_units / (hi - lo)
-    s_lo, s_hi = sm.schedule.sigma_range
-    s = float(np.clip(s_asked, s_lo, s_hi))
+    trained_lo, trained_hi = sm.cfg.sigma_min, sm.cfg.sigma_max  # levels the model was trained on
+    s_lo = max(trained_lo, sm.schedule.sigma_range[0])
+    s = float(np.clip(s_asked, s_lo, sm.schedule.sigma_range[1]))
     # Below the model's lowest trained level the network is run at that level and its correction
     # is shrunk by (sigma / sigma_min)^2: Tweedie's correction is sigma^2 times the score, and the
     # score barely changes between two small sigmas. Clamping alone would smooth a clean scan by
     # the model's lowest level (measured: edges of a noise-free phantom moved by 4 % of the peak).
+    # Above the trained range the network runs at sigma all the same (the schedule reaches it),
+    # outside what it learnt: said, not hidden.
     shrink = (s_asked / s_lo) ** 2 if s_asked < s_lo else 1.0
     notes = []
     if s_asked < s_lo:
         notes.append(f"sigma {s_asked:.3g} of the 99.5th percentile is below the model's range ({s_lo:g}): correction scaled by {shrink:.3g}")
-    elif s_asked > s_hi:
-        notes.append(f"sigma {s_asked:.3g} of the 99.5th percentile is above the model's range ({s_hi:g}): denoised as {s_hi:g}, noise will remain")
+    elif s_asked > trained_hi:
+        notes.append(f"sigma {s_asked:.3g} of the 99.5th percentile is above the model's range ({trained_hi:g}): the network extrapolates, check the result")
     for n in notes:
         warnings.warn(f"{vol.meta.source.path if vol.meta.source else 'scan'}: {n}", SigmaOutOfRangeWarning, stacklevel=2)
     y = torch.as_tensor(y_np, device=dev)[None, None]

@@ -75,6 +75,10 @@ def test_a_scan_cleaner_than_the_models_range_is_barely_touched_and_warned_about
     # a user sigma at the range's lower end still denoises (the same network call, unshrunk)
     at_min = denoise(phantom, model=model, device="cpu", sigma=model.schedule.sigma_range[0])
     assert np.abs(at_min.data - phantom).max() > 4 * np.abs(clean.data - phantom).max()
+    # and a sigma above the range is denoised at the range's top, with the same kind of warning
+    with pytest.warns(SigmaOutOfRangeWarning, match="above the model's range"):
+        r = denoise_detailed(phantom, model=model, device="cpu", sigma=0.5)
+    assert any("above the model's range" in n for n in r.notes)
 
 
 def test_normalisation_keeps_a_noisy_zero_background_at_zero_but_not_ct_air(phantom):
