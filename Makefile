@@ -2,7 +2,7 @@
 # work on a machine with nothing but python3.
 VENV ?= .venv
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 $(VENV)/.installed-%: pyproject.toml scripts/install.sh
 	scripts/install.sh $*
@@ -13,7 +13,12 @@ install: $(VENV)/.installed-test
 demo: $(VENV)/.installed-test
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/python -m flows.pipeline configs/demo.yaml
 
-test: $(VENV)/.installed-test
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check medgen flows tests benchmarks
+	$(VENV)/bin/ruff format --check medgen flows tests benchmarks
+	$(VENV)/bin/mypy
+
+test: lint
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(VENV)/.installed-test

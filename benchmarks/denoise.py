@@ -10,8 +10,8 @@ Gaussian noise y = x + s n, Rician y = |x + s n1 + i s n2|, s in --sigmas. Colum
 on the whole volume, PSNR in the foreground (clean > 0.1), seconds per megavoxel. The Gaussian
 filter and NLM are tuned with the clean volume (oracle: their best case); BM4D gets the true sigma;
 ours estimates sigma from the noisy scan (wavelet MAD, or background for Rician), and is also run
-with the true added sigma like BM4D; its network runs in bf16 where the CPU has native bf16
-(precision='auto'), and once more in fp32 for comparison. Caveat: the two real volumes are themselves noisy (their own
+with the true added sigma like BM4D; its network runs in bf16 (precision='bf16': bf16 where the
+CPU has it natively, else fp32), and once more in fp32 (precision='auto' on a CPU) for comparison. Caveat: the two real volumes are themselves noisy (their own
 noise is ~0.05 and ~0.025 of the 99.5th percentile by the wavelet MAD), so PSNR against them rewards
 a method for keeping their intrinsic noise: estimated-sigma rows remove it and are scored down.
 """
@@ -29,7 +29,7 @@ def volumes() -> dict[str, np.ndarray]:
     import nibabel as nib
     import phantominator
 
-    from medgen.sample_data import _package_dir
+    from medgen.demo_data import _package_dir
 
     data = _package_dir("nibabel") / "tests" / "data"
     t1 = np.asarray(nib.load(data / "anatomical.nii").get_fdata(), np.float32)
@@ -42,7 +42,9 @@ def volumes() -> dict[str, np.ndarray]:
 def add_noise(x: np.ndarray, s: float, kind: str, rng) -> np.ndarray:
     if kind == "gaussian":
         return (x + s * rng.standard_normal(x.shape)).astype(np.float32)
-    return np.sqrt((x + s * rng.standard_normal(x.shape)) ** 2 + (s * rng.standard_normal(x.shape)) ** 2).astype(np.float32)
+    return np.sqrt((x + s * rng.standard_normal(x.shape)) ** 2 + (s * rng.standard_normal(x.shape)) ** 2).astype(
+        np.float32
+    )
 
 
 def scores(est: np.ndarray, x: np.ndarray) -> tuple[float, float, float]:
@@ -80,7 +82,7 @@ def bm4d_true_sigma(y, x, s):
 def main() -> None:
     import torch
 
-    from medgen.denoising import denoise_detailed
+    from medgen.denoising.denoiser import denoise_detailed
     from medgen.models.score import load_score_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,13 +104,18 @@ def main() -> None:
     rng = np.random.default_rng(0)
     gains: dict[tuple[str, float], list[float]] = {}
     speed: dict[str, list[float]] = {}
-    header = f"{'volume':<14} {'noise':<8} {'sigma':>5}  {'method':<19} {'PSNR':>6} {'SSIM':>6} {'fgPSNR':>6} {'s/Mvox':>8}"
+    header = (
+        f"{'volume':<14} {'noise':<8} {'sigma':>5}  {'method':<19} {'PSNR':>6} {'SSIM':>6} {'fgPSNR':>6} {'s/Mvox':>8}"
+    )
     for name, x in volumes().items():
         mvox = x.size / 1e6
         for kind in args.noise:
             for s in args.sigmas:
                 y = add_noise(x, s, kind, rng)
-                print(header if name and kind == args.noise[0] and s == args.sigmas[0] else "", end="\n" if name and kind == args.noise[0] and s == args.sigmas[0] else "")
+                print(
+                    header if name and kind == args.noise[0] and s == args.sigmas[0] else "",
+                    end="\n" if name and kind == args.noise[0] and s == args.sigmas[0] else "",
+                )
                 methods = {
                     "noisy input": lambda: y,
                     "gaussian (tuned)": lambda: tuned_gaussian(y, x, s),
@@ -116,12 +123,26 @@ def main() -> None:
                 }
                 if have_bm4d:
                     methods["BM4D (true s)"] = lambda: bm4d_true_sigma(y, x, s)
-                methods["ours tweedie"] = lambda: denoise_detailed(y, model=sm, noise=kind, device="cpu").volume.data
-                methods["ours (true s)"] = lambda: denoise_detailed(y, model=sm, noise=kind, sigma=s, device="cpu").volume.data
-                methods["ours (true s) fp32"] = lambda: denoise_detailed(y, model=sm, noise=kind, sigma=s, device="cpu", precision="fp32").volume.data
-                methods[f"ours post. x{args.posterior_samples}"] = lambda: denoise_detailed(
-                    y, model=sm, noise=kind, method="posterior", n_samples=args.posterior_samples, device="cpu", max_steps=16
-                ).volume.data
+                methods["ours tweedie"] = lambda: (
+                    denoise_detailed(y, model=sm, noise=kind, device="cpu", precision="bf16").volume.data
+                )
+                methods["ours (true s)"] = lambda: (
+                    denoise_detailed(y, model=sm, noise=kind, sigma=s, device="cpu", precision="bf16").volume.data
+                )
+                methods["ours (true s) fp32"] = lambda: (
+                    denoise_detailed(y, model=sm, noise=kind, sigma=s, device="cpu", precision="fp32").volume.data
+                )
+                methods[f"ours post. x{args.posterior_samples}"] = lambda: (
+                    denoise_detailed(
+                        y,
+                        model=sm,
+                        noise=kind,
+                        method="posterior",
+                        n_samples=args.posterior_samples,
+                        device="cpu",
+                        max_steps=16,
+                    ).volume.data
+                )
                 row = {}
                 for m, fn in methods.items():
                     t0 = time.perf_counter()
@@ -131,7 +152,10 @@ def main() -> None:
                     row[m] = p
                     if m != "noisy input":
                         speed.setdefault(m, []).append(sec / mvox)
-                    print(f"{name:<14} {kind:<8} {s:>5.2f}  {m:<19} {p:>6.2f} {ss:>6.3f} {fp:>6.2f} {sec / mvox if m != 'noisy input' else 0:>8.2f}", flush=True)
+                    print(
+                        f"{name:<14} {kind:<8} {s:>5.2f}  {m:<19} {p:>6.2f} {ss:>6.3f} {fp:>6.2f} {sec / mvox if m != 'noisy input' else 0:>8.2f}",
+                        flush=True,
+                    )
                 if have_bm4d:
                     for ours in ("ours tweedie", "ours (true s)"):
                         gains.setdefault((ours, kind, s), []).append(row[ours] - row["BM4D (true s)"])

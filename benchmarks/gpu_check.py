@@ -35,7 +35,7 @@ def count_flops(fn) -> int:
 
 
 def stage(name, cfg_train, part, step_fn, data, device, run: Path) -> dict:
-    from medgen.train.loop import Dist, StepContext, Trainer, step_generator
+    from medgen.training.loop import Dist, StepContext, Trainer, step_generator
 
     cuda = device.type == "cuda"
     if cuda:
@@ -57,16 +57,24 @@ def stage(name, cfg_train, part, step_fn, data, device, run: Path) -> dict:
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     sps = rows[-1]["sec_per_step"]
-    return {"stage": name, "steps": cfg_train.steps, "batch": cfg_train.batch_size, "sec_per_step": sps, "wall_s": wall,
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"), "tflops": flops / sps / 1e12, "step_tflop": flops / 1e12}
+    return {
+        "stage": name,
+        "steps": cfg_train.steps,
+        "batch": cfg_train.batch_size,
+        "sec_per_step": sps,
+        "wall_s": wall,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan"),
+        "tflops": flops / sps / 1e12,
+        "step_tflop": flops / 1e12,
+    }
 
 
 def main() -> None:
     from medgen.config import load_config
     from medgen.models.networks import KLAutoencoderStep, build_autoencoder, build_scheduler, build_unet, latent_shape
-    from medgen.train.autoencoder import kl_loss
-    from medgen.train.ldm import diffusion_loss
-    from medgen.train.loop import Part
+    from medgen.synthesis.train_autoencoder import kl_loss
+    from medgen.synthesis.train_diffusion import diffusion_loss
+    from medgen.training.loop import Part
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/brain_mri.yaml")
@@ -85,7 +93,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     images = torch.rand((n, 1, *cfg.data.size), generator=g)
     acfg = cfg.autoencoder
-    atrain = acfg.train.model_copy(update={"steps": args.steps, "log_every": args.steps // 3, "checkpoint_every": 10**6, "amp": "bf16"})
+    atrain = acfg.train.model_copy(
+        update={"steps": args.steps, "log_every": args.steps // 3, "checkpoint_every": 10**6, "amp": "bf16"}
+    )
     torch.manual_seed(0)
     mod = KLAutoencoderStep(build_autoencoder(acfg)).to(device)
     lat = latent_shape(acfg, cfg.data.size)
@@ -94,24 +104,61 @@ def main() -> None:
         recon, mu, sigma = mod(x, ctx.randn((x.shape[0], *lat)))
         return {"autoencoder": (recon.float() - x).abs().mean() + acfg.kl_weight * kl_loss(mu.float(), sigma.float())}
 
-    results = [stage("autoencoder", atrain, Part("autoencoder", mod, torch.optim.Adam(mod.parameters(), lr=1e-4)), ae_step, images, device, work / "ae")]
+    results = [
+        stage(
+            "autoencoder",
+            atrain,
+            Part("autoencoder", mod, torch.optim.Adam(mod.parameters(), lr=1e-4)),
+            ae_step,
+            images,
+            device,
+            work / "ae",
+        )
+    ]
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
     dcfg = cfg.diffusion
-    dtrain = dcfg.train.model_copy(update={"steps": args.steps, "log_every": args.steps // 3, "checkpoint_every": 10**6, "amp": "bf16", "ema_decay": 0.9999})
+    dtrain = dcfg.train.model_copy(
+        update={
+            "steps": args.steps,
+            "log_every": args.steps // 3,
+            "checkpoint_every": 10**6,
+            "amp": "bf16",
+            "ema_decay": 0.9999,
+        }
+    )
     latents = torch.randn((n, *lat), generator=g)
     unet = build_unet(dcfg, acfg.latent_channels).to(device)
     sched = build_scheduler(dcfg)
 
     def dm_step(ctx, z0):
-        return {"diffusion": diffusion_loss(unet, sched, dcfg.scheduler, dcfg.prediction, z0, ctx.randn(z0.shape), ctx.rand((z0.shape[0],)))}
+        return {
+            "diffusion": diffusion_loss(
+                unet, sched, dcfg.scheduler, dcfg.prediction, z0, ctx.randn(z0.shape), ctx.rand((z0.shape[0],))
+            )
+        }
 
-    results.append(stage("diffusion", dtrain, Part("diffusion", unet, torch.optim.AdamW(unet.parameters(), lr=1e-4), 0.9999), dm_step, latents, device, work / "dm"))
-    print(f"\n{'stage':<12} {'batch':>5} {'shape':>16} {'s/step':>8} {'peak GiB':>9} {'TFLOP/step':>10} {'TFLOP/s':>8} {'% of peak':>9}")
+    results.append(
+        stage(
+            "diffusion",
+            dtrain,
+            Part("diffusion", unet, torch.optim.AdamW(unet.parameters(), lr=1e-4), 0.9999),
+            dm_step,
+            latents,
+            device,
+            work / "dm",
+        )
+    )
+    print(
+        f"\n{'stage':<12} {'batch':>5} {'shape':>16} {'s/step':>8} {'peak GiB':>9} {'TFLOP/step':>10} {'TFLOP/s':>8} {'% of peak':>9}"
+    )
     for r, shape in zip(results, ["1x" + "x".join(map(str, cfg.data.size)), "x".join(map(str, lat))]):
         share = f"{100 * r['tflops'] / peak:.1f}%" if peak else "n/a"
-        print(f"{r['stage']:<12} {r['batch']:>5} {shape:>16} {r['sec_per_step']:>8.3f} {r['peak_gib']:>9.1f} {r['step_tflop']:>10.2f} {r['tflops']:>8.1f} {share:>9}")
+        print(
+            f"{r['stage']:<12} {r['batch']:>5} {shape:>16} {r['sec_per_step']:>8.3f} {r['peak_gib']:>9.1f} "
+            f"{r['step_tflop']:>10.2f} {r['tflops']:>8.1f} {share:>9}"
+        )
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -119,7 +166,9 @@ def main() -> None:
 
     gcfg = load_config(args.gen_config)
     ae = build_autoencoder(gcfg.autoencoder).to(device).eval()
-    print(f"\ngeneration at {gcfg.data.size} ({args.gen_config}, latent {latent_shape(gcfg.autoencoder, gcfg.data.size)}), batch 1, fp32 + TF32, incl. decode:")
+    print(
+        f"\ngeneration at {gcfg.data.size} ({args.gen_config}, latent {latent_shape(gcfg.autoencoder, gcfg.data.size)}), batch 1, fp32 + TF32, incl. decode:"
+    )
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     for label, sec in sampler_speed(gcfg, ae, 1.0, device):

@@ -1,6 +1,6 @@
 """Seconds per 256^3 volume for Tweedie and for posterior sampling (4 samples) on the GPU.
 
-    python benchmarks/gpu_denoise.py [--model medgen/weights/denoiser_default] [--sigma 0.05]
+python benchmarks/gpu_denoise.py [--model medgen/weights/denoiser_default] [--sigma 0.05]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 def main() -> None:
     from scipy.ndimage import gaussian_filter
 
-    from medgen.denoising import denoise_detailed
+    from medgen.denoising.denoiser import denoise_detailed
     from medgen.models.score import load_score_model
 
     ap = argparse.ArgumentParser()
@@ -39,11 +39,15 @@ def main() -> None:
     for method, k in (("tweedie", 1), ("posterior", 4)):
         sync()
         t0 = time.perf_counter()
-        r = denoise_detailed(y, model=sm, sigma=args.sigma, method=method, n_samples=k, device=dev, sw_batch_size=args.sw_batch)
+        r = denoise_detailed(
+            y, model=sm, sigma=args.sigma, method=method, n_samples=k, device=dev, sw_batch_size=args.sw_batch
+        )
         sync()
         sec = time.perf_counter() - t0
         err = float(np.sqrt(np.mean((r.volume.data - x) ** 2)))
-        print(f"  {method:<9} x{k}: {sec:6.2f} s per volume ({sec / (n**3 / 1e6):.3f} s/Mvox), RMSE {err:.4f} vs noise {args.sigma}")
+        print(
+            f"  {method:<9} x{k}: {sec:6.2f} s per volume ({sec / (n**3 / 1e6):.3f} s/Mvox), RMSE {err:.4f} vs noise {args.sigma}"
+        )
 
 
 if __name__ == "__main__":

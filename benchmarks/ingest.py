@@ -36,8 +36,8 @@ def build_dataset(root: Path) -> list[Path]:
     import nibabel as nib
     from pydicom.uid import RLELossless
 
-    from medgen.io.dicom_write import write_series
-    from medgen.sample_data import _package_dir, phantom_ct
+    from medgen.demo_data import _package_dir, phantom_ct
+    from medgen.io.dicom.write import write_series
     from medgen.volume import Volume, VolumeMeta, centred_affine
 
     mni = nib.load(_package_dir("nilearn") / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
@@ -53,7 +53,9 @@ def build_dataset(root: Path) -> list[Path]:
         ct = phantom_ct((256, 256, 96))
         vol = Volume(ct, centred_affine((0.8, 0.8, 1.5), ct.shape), VolumeMeta(modality="CT", units="HU"))
         folders.append(root / f"ct_{i}")
-        write_series(vol, folders[-1], patient={"PatientID": f"BENCH-CT-{i}"}, transfer_syntax=RLELossless if i else None)
+        write_series(
+            vol, folders[-1], patient={"PatientID": f"BENCH-CT-{i}"}, transfer_syntax=RLELossless if i else None
+        )
     return folders
 
 
@@ -72,7 +74,7 @@ def run_sitk(src: Path, out: Path) -> int:
 
 
 def run_medgen(src: Path, out: Path, workers: int) -> int:
-    from medgen.ingestion import ingest
+    from medgen.ingestion.run import ingest
 
     report = ingest(src, out, workers=workers, salt="bench")
     assert not report.rejected, report.rejected
@@ -116,7 +118,9 @@ def main() -> None:
             out = work / f"out-{v.replace(' ', '_').replace('rerun', 'medgen')}-{r}"
             if not v.startswith("rerun"):
                 shutil.rmtree(out, ignore_errors=True)  # a fresh folder: medgen would otherwise skip unchanged scans
-            proc = subprocess.run([sys.executable, __file__, "--child", v, str(src), str(out)], capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", v, str(src), str(out)], capture_output=True, text=True
+            )
             if proc.returncode:
                 sys.exit(f"{v} failed:\n{proc.stderr}")
             results[v].append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -128,8 +132,10 @@ def main() -> None:
         peak = max(x["peak_mb"] for x in results[v])
         rate = f"{n / s:>8.2f} {mb / s:>7.1f}" if n else f"{'-':>8} {'-':>7}"
         print(f"{v:<11} {n:>5} {s:>9.2f} {rate} {peak:>8.0f} {s / base:>11.2f}x")
-    print("\nmedgen does per series: header parse + SHA-256 of every file, geometry checks, modality LUT,"
-          "\nRAS reorientation, NIfTI with qform == sform, atomic writes and a schema-validated manifest.")
+    print(
+        "\nmedgen does per series: header parse + SHA-256 of every file, geometry checks, modality LUT,"
+        "\nRAS reorientation, NIfTI with qform == sform, atomic writes and a schema-validated manifest."
+    )
 
 
 if __name__ == "__main__":

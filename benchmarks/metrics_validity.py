@@ -1,6 +1,6 @@
 """Do the realism metrics rank corruption, and does memorization flag copies and nothing else?
 
-One run, CPU: a population of template brains (medgen.sample_data.template_population, the demo's
+One run, CPU: a population of template brains (medgen.demo_data.template_population, the demo's
 generator of pseudo-subjects) preprocessed into the demo's model space (32x40x32 at 6 mm) with
 medgen's own preprocessing. Split: training (the reference, and the feature encoder's training
 data), calibration (held-out reals that calibrate the gate) and evaluation (other held-out reals).
@@ -30,14 +30,17 @@ from scipy.ndimage import gaussian_filter
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medgen.config import DataConfig, GateConfig, IntensityConfig  # noqa: E402
-from medgen.data import prepare  # noqa: E402
-from medgen.metrics.features import EncoderSettings, train_encoder  # noqa: E402
-from medgen.metrics.gate import assess, build_reference, realism  # noqa: E402
-from medgen.sample_data import template_population  # noqa: E402
+from medgen.datasets.prepared import prepare  # noqa: E402
+from medgen.demo_data import template_population  # noqa: E402
+from medgen.io.nifti import write_nifti
+from medgen.quality.gate import assess, build_reference, realism  # noqa: E402
+from medgen.quality.metrics.features import EncoderSettings, train_encoder  # noqa: E402
 
 METRICS = ("fid", "kid", "mmd", "frd", "histogram_w1")
 DATA = DataConfig(
-    modality="MR", spacing=(6.0, 6.0, 6.0), size=(32, 40, 32),
+    modality="MR",
+    spacing=(6.0, 6.0, 6.0),
+    size=(32, 40, 32),
     intensity=IntensityConfig(kind="percentile", lower=0.0, upper=99.5),
 )
 
@@ -45,7 +48,7 @@ DATA = DataConfig(
 def population(n: int, seed: int, tmp: Path) -> np.ndarray:
     items = []
     for i, v in enumerate(template_population(n, seed=seed, spacing=3.0)):
-        path = v.to_nifti(tmp / f"sub-{i:03d}.nii.gz")
+        path = write_nifti(v, tmp / f"sub-{i:03d}.nii.gz")
         items.append({"image": str(path), "sha256": f"{seed}-{i}", "scan_id": f"sub-{i:03d}"})
     return prepare(items, DATA, tmp / "cache").images[:, 0].numpy()
 
@@ -55,7 +58,13 @@ def corruptions(x: np.ndarray, train: np.ndarray, rng: np.random.Generator) -> d
         "noise": [(f"noise {s}", x + rng.normal(0, s, x.shape).astype(np.float32)) for s in (0.02, 0.05, 0.1)],
         "blur": [(f"blur {s} vox", np.stack([gaussian_filter(v, s) for v in x])) for s in (1.0, 1.5, 2.0)],
         "shift": [(f"shift +{s}", x + s) for s in (0.05, 0.1, 0.2)],
-        "copies": [("train copies", train[: len(x)].copy()), ("train copies + noise 0.01", train[: len(x)] + rng.normal(0, 0.01, x[: len(train)].shape).astype(np.float32))],
+        "copies": [
+            ("train copies", train[: len(x)].copy()),
+            (
+                "train copies + noise 0.01",
+                train[: len(x)] + rng.normal(0, 0.01, x[: len(train)].shape).astype(np.float32),
+            ),
+        ],
     }
 
 
@@ -78,8 +87,14 @@ def main() -> None:
         t2 = time.perf_counter()
     gate = GateConfig()
     ref = build_reference(train, cal, [f"train-{i:02d}" for i in range(len(train))], enc, gate)
-    print(f"data {t1 - t0:.1f} s, encoder {t2 - t1:.1f} s ({enc.encoder_id}, NT-Xent {enc.metadata['loss_first_last'][0]:.3f} -> {enc.metadata['loss_first_last'][1]:.3f}); train {len(train)}, calibration {len(cal)}, evaluation {len(held)}")
-    print(f"memorization thresholds: NCC {ref.thresholds.ncc:.4f}, feature cosine {ref.thresholds.feature_cosine:.4f}\n")
+    print(
+        f"data {t1 - t0:.1f} s, encoder {t2 - t1:.1f} s ({enc.encoder_id}, NT-Xent "
+        f"{enc.metadata['loss_first_last'][0]:.3f} -> {enc.metadata['loss_first_last'][1]:.3f}); "
+        f"train {len(train)}, calibration {len(cal)}, evaluation {len(held)}"
+    )
+    print(
+        f"memorization thresholds: NCC {ref.thresholds.ncc:.4f}, feature cosine {ref.thresholds.feature_cosine:.4f}\n"
+    )
 
     rng = np.random.default_rng(0)
     sets = corruptions(held, train, rng)
@@ -90,10 +105,18 @@ def main() -> None:
         """(volumes flagged as memorized, highest NCC and feature cosine to a training volume)."""
         res = assess(x, [f"v{i}" for i in range(len(x))], ref, gate)
         flagged = sum(any(r.startswith("memorized") for r in v.reasons) for v in res.volumes)
-        return flagged, max(v.checks["nearest_ncc"] for v in res.volumes), max(v.checks["nearest_feature_cosine"] for v in res.volumes)
+        return (
+            flagged,
+            max(v.checks["nearest_ncc"] for v in res.volumes),
+            max(v.checks["nearest_feature_cosine"] for v in res.volumes),
+        )
 
     def row(name: str, r: dict, mem: tuple[int, float, float], n: int) -> str:
-        return f"{name:<28}" + "".join(f"{r[m]:>13.4g}" for m in METRICS) + f"{mem[0]:>8}/{n:<3}{mem[1]:>9.4f}{mem[2]:>9.4f}"
+        return (
+            f"{name:<28}"
+            + "".join(f"{r[m]:>13.4g}" for m in METRICS)
+            + f"{mem[0]:>8}/{n:<3}{mem[1]:>9.4f}{mem[2]:>9.4f}"
+        )
 
     header += f"{'max NCC':>9}{'max cos':>9}"
     print(header)
@@ -118,7 +141,9 @@ def main() -> None:
     copies_ok = all(flagged[n] == len(held) for n, _ in sets["copies"])
     others_ok = all(v == 0 for k, v in flagged.items() if not k.startswith("train copies"))
     print(f"\nrealism metrics rank every corruption family in order: {'yes' if ok else 'NO'}")
-    print(f"memorization flags every copy: {'yes' if copies_ok else 'NO'}; flags nothing else: {'yes' if others_ok else 'NO'}")
+    print(
+        f"memorization flags every copy: {'yes' if copies_ok else 'NO'}; flags nothing else: {'yes' if others_ok else 'NO'}"
+    )
     print(f"total {time.perf_counter() - t0:.1f} s")
     sys.exit(0 if ok and copies_ok and others_ok else 1)
 

@@ -45,21 +45,23 @@ def relocated(config: Path, root: Path) -> Path:
 def direct(config_path: Path) -> dict[str, float]:
     """The pipeline's work as plain library calls, stage by stage."""
     from medgen.config import load_config
-    from medgen.denoise_batch import denoise_scan, find_scans
-    from medgen.export import export_run
-    from medgen.ingestion import ingest
-    from medgen.sample_data import build_sample_data
-    from medgen.synthesis import synthesize
-    from medgen.train.autoencoder import train_autoencoder
-    from medgen.train.ldm import train_diffusion
-    from medgen.validate import validate_run
+    from medgen.demo_data import build_sample_data
+    from medgen.denoising.batch import denoise_scan, find_scans
+    from medgen.export.exporter import export_run
+    from medgen.ingestion.run import IngestOptions, ingest
+    from medgen.quality.validate import validate_run
+    from medgen.synthesis.runs import synthesize
+    from medgen.synthesis.train_autoencoder import train_autoencoder
+    from medgen.synthesis.train_diffusion import train_diffusion
 
     cfg = load_config(config_path)
     run = cfg.orchestration.run_dir
     times = {}
     t = time.perf_counter()
     build_sample_data(cfg.sample_data)
-    report = ingest(cfg.ingest.sources, cfg.ingest.out, options=cfg.ingest.options(), salt=cfg.ingest.salt)
+    report = ingest(
+        cfg.ingest.sources, cfg.ingest.out, options=IngestOptions.from_config(cfg.ingest), salt=cfg.ingest.salt
+    )
     times["ingest"] = time.perf_counter() - t
     t = time.perf_counter()
     device = cfg.orchestration.torchrun.device or "cpu"
@@ -68,7 +70,16 @@ def direct(config_path: Path) -> dict[str, float]:
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()
     g = cfg.generate
-    synthesize(gen, g.n, run / "synthetic", sampler=g.sampler, steps=g.steps, seed=g.seed, batch_size=g.batch_size, device=device)
+    synthesize(
+        gen,
+        g.n,
+        run / "synthetic",
+        sampler=g.sampler,
+        steps=g.steps,
+        seed=g.seed,
+        batch_size=g.batch_size,
+        device=device,
+    )
     v = validate_run(run / "synthetic", quality=cfg.quality)
     if v.passed:
         for fmt in cfg.export.formats:
@@ -77,7 +88,14 @@ def direct(config_path: Path) -> dict[str, float]:
     if cfg.denoise is not None:
         t = time.perf_counter()
         for ref in find_scans(cfg.denoise.sources):
-            denoise_scan(ref, cfg.denoise.out, model=cfg.denoise.model, sigma=cfg.denoise.sigma, noise=cfg.denoise.noise, method=cfg.denoise.method)
+            denoise_scan(
+                ref,
+                cfg.denoise.out,
+                model=cfg.denoise.model,
+                sigma=cfg.denoise.sigma,
+                noise=cfg.denoise.noise,
+                method=cfg.denoise.method,
+            )
         times["denoise"] = time.perf_counter() - t
     return times
 
@@ -103,11 +121,15 @@ def main() -> None:
     f = result["seconds"]
     print(f"\n{'stage':<12}{'direct s':>10}{'flow s':>10}{'overhead s':>12}{'overhead %':>12}")
     for stage in d:
-        print(f"{stage:<12}{d[stage]:>10.1f}{f[stage]:>10.1f}{f[stage] - d[stage]:>12.1f}{100 * (f[stage] - d[stage]) / d[stage]:>11.1f}%")
+        print(
+            f"{stage:<12}{d[stage]:>10.1f}{f[stage]:>10.1f}{f[stage] - d[stage]:>12.1f}{100 * (f[stage] - d[stage]) / d[stage]:>11.1f}%"
+        )
     over = flow_total - direct_total
     print(f"{'total':<12}{direct_total:>10.1f}{flow_total:>10.1f}{over:>12.1f}{100 * over / direct_total:>11.1f}%")
-    print(f"\norchestration overhead {100 * over / flow_total:.1f} % of the flow's wall time (goal < 10 %); "
-          f"re-run with nothing new: {rerun:.1f} s")
+    print(
+        f"\norchestration overhead {100 * over / flow_total:.1f} % of the flow's wall time (goal < 10 %); "
+        f"re-run with nothing new: {rerun:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@
 
 Training data (all from installed packages, nothing downloaded; recorded with SHA-256 in the
 model's metadata): nilearn's MNI152 2009a T1 at 1 mm and 2 mm, 16 random affine/bias/gamma
-variants of it at 2 mm (medgen.sample_data.template_population, seed 0), and 8 random-ellipsoid
-phantoms at 64^3 (medgen.sample_data.random_phantom, seed 1); --sharp-phantoms N adds N
+variants of it at 2 mm (medgen.demo_data.template_population, seed 0), and 8 random-ellipsoid
+phantoms at 64^3 (medgen.demo_data.random_phantom, seed 1); --sharp-phantoms N adds N
 piecewise-constant ones (seed 2), --nested-phantoms N head-like piecewise-constant ones with faint
-edges and thin shells (medgen.sample_data.nested_phantom, seed 3). Held out, never trained on, and used
+edges and thin shells (medgen.demo_data.nested_phantom, seed 3). Held out, never trained on, and used
 by tests and benchmarks/denoise.py: nibabel's anatomical.nii (real T1), frame 0 of nibabel's
 example4d.nii.gz (real EPI), and the 3D MR Shepp-Logan phantom (phantominator).
 
@@ -40,7 +40,7 @@ import numpy as np
 @functools.lru_cache(maxsize=1)
 def _mni() -> tuple[np.ndarray, np.ndarray]:
     """The MNI template (array, affine), read once for the base set and --coarse-brains."""
-    from medgen.sample_data import mni_template
+    from medgen.demo_data import mni_template
 
     return mni_template()
 
@@ -48,7 +48,7 @@ def _mni() -> tuple[np.ndarray, np.ndarray]:
 def training_arrays() -> dict[str, np.ndarray]:
     from scipy.ndimage import zoom
 
-    from medgen.sample_data import random_phantom, template_population
+    from medgen.demo_data import random_phantom, template_population
 
     mni, affine = _mni()
     arrays = {"mni152_t1_1mm": mni, "mni152_t1_2mm": zoom(mni, 0.5, order=1)}
@@ -64,7 +64,8 @@ def main() -> None:
     import torch
 
     from medgen.config import load_config
-    from medgen.train.score import normalise, train_score
+    from medgen.denoising.normalise import normalise
+    from medgen.denoising.train import train_score
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/denoise_default.yaml")
@@ -73,9 +74,21 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--init", type=Path, help="fine-tune from this score-model folder (recorded)")
-    ap.add_argument("--sharp-phantoms", type=int, default=0, help="add N piecewise-constant random-ellipsoid phantoms (seed 2)")
-    ap.add_argument("--nested-phantoms", type=int, default=0, help="add N piecewise-constant head-like phantoms with faint edges (seed 3)")
-    ap.add_argument("--coarse-brains", type=int, default=0, help="add the MNI template at 3 and 4 mm and N variants of it at 3 mm (seed 4)")
+    ap.add_argument(
+        "--sharp-phantoms", type=int, default=0, help="add N piecewise-constant random-ellipsoid phantoms (seed 2)"
+    )
+    ap.add_argument(
+        "--nested-phantoms",
+        type=int,
+        default=0,
+        help="add N piecewise-constant head-like phantoms with faint edges (seed 3)",
+    )
+    ap.add_argument(
+        "--coarse-brains",
+        type=int,
+        default=0,
+        help="add the MNI template at 3 and 4 mm and N variants of it at 3 mm (seed 4)",
+    )
     ap.add_argument("--export-npz", type=Path)
     ap.add_argument("--from-npz", type=Path)
     args = ap.parse_args()
@@ -84,13 +97,13 @@ def main() -> None:
     arrays = dict(np.load(args.from_npz)) if args.from_npz else training_arrays()
     arrays = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
     if args.sharp_phantoms:
-        from medgen.sample_data import random_phantom
+        from medgen.demo_data import random_phantom
 
         rng = np.random.default_rng(2)
         for i in range(args.sharp_phantoms):
             arrays[f"sharp_ellipsoid_phantom_{i}"] = random_phantom((64, 64, 64), rng, sharp=True)
     if args.nested_phantoms:
-        from medgen.sample_data import nested_phantom
+        from medgen.demo_data import nested_phantom
 
         rng = np.random.default_rng(3)
         for i in range(args.nested_phantoms):
@@ -98,7 +111,7 @@ def main() -> None:
     if args.coarse_brains:
         from scipy.ndimage import zoom
 
-        from medgen.sample_data import template_population
+        from medgen.demo_data import template_population
 
         mni, affine = _mni()
         arrays["mni152_t1_3mm"] = np.asarray(zoom(mni, 1 / 3, order=1), np.float32)
@@ -114,11 +127,16 @@ def main() -> None:
     if args.batch_size:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": args.batch_size})})
     volumes = [normalise(v)[0] for v in arrays.values()]
-    data_list = [{"name": k, "shape": list(v.shape), "sha256": hashlib.sha256(v.astype(np.float16).tobytes()).hexdigest()} for k, v in arrays.items()]
+    data_list = [
+        {"name": k, "shape": list(v.shape), "sha256": hashlib.sha256(v.astype(np.float16).tobytes()).hexdigest()}
+        for k, v in arrays.items()
+    ]
     work = Path(tempfile.mkdtemp(prefix="medgen-denoiser-"))
 
     # measure the step time, then fit the step count to the time budget (cosine LR over all of it)
-    probe = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 25, "log_every": 5, "checkpoint_every": 10**6})})
+    probe = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"steps": 25, "log_every": 5, "checkpoint_every": 10**6})}
+    )
     train_score(probe, volumes, work / "probe", device=args.device)
     import json
 
@@ -126,14 +144,24 @@ def main() -> None:
     sec = float(np.median([r["sec_per_step"] for r in rows[1:]]))
     budget = int(args.max_minutes * 60 / sec)
     steps = min(cfg.train.steps, budget) if args.device == "cpu" else max(min(budget, 200_000), 100)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps, "checkpoint_every": max(500, steps // 10), "log_every": max(50, steps // 40)})})
+    cfg = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(
+                update={"steps": steps, "checkpoint_every": max(500, steps // 10), "log_every": max(50, steps // 40)}
+            )
+        }
+    )
     print(f"{sec:.3f} s/step on {args.device}: training {steps} steps (budget {args.max_minutes} min)", flush=True)
     t0 = time.perf_counter()
     provenance = {
         "command": " ".join(["python"] + sys.argv),
         "config": cfg.model_dump(mode="json"),
         "training_data": data_list,
-        "held_out": ["nibabel tests/data/anatomical.nii", "nibabel tests/data/example4d.nii.gz frame 0", "phantominator mr_shepp_logan M0"],
+        "held_out": [
+            "nibabel tests/data/anatomical.nii",
+            "nibabel tests/data/example4d.nii.gz frame 0",
+            "phantominator mr_shepp_logan M0",
+        ],
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
     }
     init = None
@@ -142,7 +170,10 @@ def main() -> None:
 
         previous = load_score_model(args.init)
         init = previous.unet.state_dict()
-        provenance["initialised_from"] = {"files": previous.metadata["files"], "provenance": previous.metadata["provenance"]}
+        provenance["initialised_from"] = {
+            "files": previous.metadata["files"],
+            "provenance": previous.metadata["provenance"],
+        }
     bundle = train_score(cfg, volumes, work / "run", device=args.device, provenance=provenance, init=init)
     print(f"trained in {(time.perf_counter() - t0) / 60:.1f} min -> {bundle}")
     meta_path = bundle / "configs" / "metadata.json"

@@ -6,7 +6,7 @@ Same networks, same batch size, same run. The plain loop is what MONAI's 3D LDM 
 a `Dataset` with the preprocessing transforms (loaded and resampled every step, no cache), fp32,
 `AutoencoderKL.forward` for stage 1 and `LatentDiffusionInferer` (encoding every step) for stage 2.
 Ours: preprocessed volumes cached once, latents encoded once, bf16 autocast on GPU (fp32 on CPU),
-via `medgen.train.loop.Trainer`. Data: synthetic smooth 'heads' written as NIfTI at 2x the config's
+via `medgen.training.loop.Trainer`. Data: synthetic smooth 'heads' written as NIfTI at 2x the config's
 resolution, so the plain loop pays a realistic load-and-resample cost. Then samples/s for
 DDPM-1000, DDIM-50 and RFlow-30 at the config's size (untrained weights: timing only).
 Read the ratios; these machines are shared and noisy.
@@ -71,9 +71,9 @@ def plain_autoencoder(cfg, items, steps, device) -> float:
     """MONAI tutorial style: DataLoader over an uncached Dataset, fp32, AutoencoderKL.forward."""
     from monai.data import DataLoader, Dataset
 
+    from medgen.datasets.preprocess import transforms
     from medgen.models.networks import build_autoencoder
-    from medgen.preprocess import transforms
-    from medgen.train.autoencoder import kl_loss
+    from medgen.synthesis.train_autoencoder import kl_loss
 
     torch.manual_seed(0)
     ae = build_autoencoder(cfg.autoencoder).to(device)
@@ -91,8 +91,8 @@ def plain_diffusion(cfg, items, ae, scale, steps, device) -> float:
     from monai.data import DataLoader, Dataset
     from monai.inferers import LatentDiffusionInferer
 
+    from medgen.datasets.preprocess import transforms
     from medgen.models.networks import build_scheduler, build_unet, latent_shape
-    from medgen.preprocess import transforms
 
     torch.manual_seed(0)
     unet = build_unet(cfg.diffusion, cfg.autoencoder.latent_channels).to(device)
@@ -112,17 +112,23 @@ def plain_diffusion(cfg, items, ae, scale, steps, device) -> float:
 
 def ours(cfg, items, steps, device, run: Path) -> tuple[float, float, object, float]:
     """medgen's Trainer for both stages; returns (ae s/step, diffusion s/step, autoencoder, scale)."""
-    from medgen.data import prepare
+    from medgen.datasets.prepared import prepare
     from medgen.models.networks import KLAutoencoderStep, build_autoencoder, build_scheduler, build_unet, latent_shape
-    from medgen.train.autoencoder import kl_loss, latent_scale_factor
-    from medgen.train.ldm import diffusion_loss, encode_latents
-    from medgen.train.loop import Dist, Part, Trainer
+    from medgen.synthesis.train_autoencoder import kl_loss, latent_scale_factor
+    from medgen.synthesis.train_diffusion import diffusion_loss, encode_latents
+    from medgen.training.loop import Dist, Part, Trainer
 
     d = Dist(device=device)
     t0 = time.perf_counter()
     data = prepare(items, cfg.data, run / "cache")
     prep = time.perf_counter() - t0
-    acfg = cfg.autoencoder.model_copy(update={"train": cfg.autoencoder.train.model_copy(update={"steps": steps, "log_every": steps // 2, "checkpoint_every": 10**6})})
+    acfg = cfg.autoencoder.model_copy(
+        update={
+            "train": cfg.autoencoder.train.model_copy(
+                update={"steps": steps, "log_every": steps // 2, "checkpoint_every": 10**6}
+            )
+        }
+    )
     torch.manual_seed(0)
     ae = build_autoencoder(acfg)
     mod = KLAutoencoderStep(ae).to(device)
@@ -132,19 +138,43 @@ def ours(cfg, items, steps, device, run: Path) -> tuple[float, float, object, fl
         recon, mu, sigma = mod(x, ctx.randn((x.shape[0], *lat)))
         return {"autoencoder": (recon.float() - x).abs().mean() + acfg.kl_weight * kl_loss(mu.float(), sigma.float())}
 
-    Trainer(run / "ae", acfg.train, [Part("autoencoder", mod, torch.optim.Adam(mod.parameters(), lr=acfg.train.lr))], ae_step, data.images, d).fit()
+    Trainer(
+        run / "ae",
+        acfg.train,
+        [Part("autoencoder", mod, torch.optim.Adam(mod.parameters(), lr=acfg.train.lr))],
+        ae_step,
+        data.images,
+        d,
+    ).fit()
     ae_sps = last_interval(run / "ae")
     ae.eval()
     scale = latent_scale_factor(ae, data.images, device)
     latents = encode_latents(ae, data.images, scale, device)
-    dcfg = cfg.diffusion.model_copy(update={"train": cfg.diffusion.train.model_copy(update={"steps": steps, "log_every": steps // 2, "checkpoint_every": 10**6, "ema_decay": None})})
+    dcfg = cfg.diffusion.model_copy(
+        update={
+            "train": cfg.diffusion.train.model_copy(
+                update={"steps": steps, "log_every": steps // 2, "checkpoint_every": 10**6, "ema_decay": None}
+            )
+        }
+    )
     unet = build_unet(dcfg, acfg.latent_channels).to(device)
     sched = build_scheduler(dcfg)
 
     def dm_step(ctx, z0):
-        return {"diffusion": diffusion_loss(unet, sched, dcfg.scheduler, dcfg.prediction, z0, ctx.randn(z0.shape), ctx.rand((z0.shape[0],)))}
+        return {
+            "diffusion": diffusion_loss(
+                unet, sched, dcfg.scheduler, dcfg.prediction, z0, ctx.randn(z0.shape), ctx.rand((z0.shape[0],))
+            )
+        }
 
-    Trainer(run / "dm", dcfg.train, [Part("diffusion", unet, torch.optim.Adam(unet.parameters(), lr=dcfg.train.lr))], dm_step, latents, d).fit()
+    Trainer(
+        run / "dm",
+        dcfg.train,
+        [Part("diffusion", unet, torch.optim.Adam(unet.parameters(), lr=dcfg.train.lr))],
+        dm_step,
+        latents,
+        d,
+    ).fit()
     print(f"(ours: one-off preprocessing of {len(items)} volumes {prep:.1f} s, cached for every later run)")
     return ae_sps, last_interval(run / "dm"), ae, scale
 
@@ -155,20 +185,32 @@ def last_interval(run: Path) -> float:
 
 
 def sampler_speed(cfg, ae, scale, device) -> list[tuple[str, float]]:
+    from medgen.datasets.preprocess import IntensityMap
     from medgen.models.bundle import Generator
     from medgen.models.networks import build_unet
-    from medgen.preprocess import IntensityMap
-    from medgen.sample import generate
+    from medgen.synthesis.sampler import generate
 
     out = []
     for sampler, steps in (("ddpm", 1000), ("ddim", 50), ("rflow", 30)):
         dcfg = cfg.diffusion.model_copy(update={"scheduler": "rflow" if sampler == "rflow" else "ddpm"})
         torch.manual_seed(0)
         gen = Generator(
-            path=Path("untrained"), autoencoder=ae, unet=build_unet(dcfg, cfg.autoencoder.latent_channels).to(device).eval(),
-            scale_factor=scale, autoencoder_cfg=cfg.autoencoder, diffusion_cfg=dcfg, data_cfg=cfg.data,
-            intensity=IntensityMap("percentile", 0.0, 1.0, 0.0, 1.0), modality="MR", units="a.u.",
-            metadata={"latent_shape": [cfg.autoencoder.latent_channels, *(n // cfg.autoencoder.downsample for n in cfg.data.size)]},
+            path=Path("untrained"),
+            autoencoder=ae,
+            unet=build_unet(dcfg, cfg.autoencoder.latent_channels).to(device).eval(),
+            scale_factor=scale,
+            autoencoder_cfg=cfg.autoencoder,
+            diffusion_cfg=dcfg,
+            data_cfg=cfg.data,
+            intensity=IntensityMap("percentile", 0.0, 1.0, 0.0, 1.0),
+            modality="MR",
+            units="a.u.",
+            metadata={
+                "latent_shape": [
+                    cfg.autoencoder.latent_channels,
+                    *(n // cfg.autoencoder.downsample for n in cfg.data.size),
+                ]
+            },
         )
         generate(gen, 1, sampler=sampler, steps=2, device=device)  # warm-up
         sync(device)
@@ -197,8 +239,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="medgen-ldm-bench-"))
     items = synthetic_items(cfg, args.volumes, work)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"config {args.config}: {cfg.data.size} volumes, batch AE {cfg.autoencoder.train.batch_size} / "
-          f"diffusion {cfg.diffusion.train.batch_size}, {args.steps} steps each, on {name}")
+    print(
+        f"config {args.config}: {cfg.data.size} volumes, batch AE {cfg.autoencoder.train.batch_size} / "
+        f"diffusion {cfg.diffusion.train.batch_size}, {args.steps} steps each, on {name}"
+    )
     ae_ours, dm_ours, ae, scale = ours(cfg, items, args.steps, device, work / "ours")
     ae_plain = plain_autoencoder(cfg, items, args.steps, device)
     dm_plain = plain_diffusion(cfg, items, ae, scale, args.steps, device)

@@ -36,7 +36,9 @@ def config(path: str | Path) -> PipelineConfig:
 
 
 def section_hash(cfg: PipelineConfig, *names: str) -> str:
-    return sha256_json({n: json.loads(getattr(cfg, n).model_dump_json()) if getattr(cfg, n) is not None else None for n in names})
+    return sha256_json(
+        {n: json.loads(getattr(cfg, n).model_dump_json()) if getattr(cfg, n) is not None else None for n in names}
+    )
 
 
 def file_sha(path: str | Path) -> str:
@@ -87,7 +89,14 @@ def task_runner(cfg: PipelineConfig):
 
     if o.dask_address:
         return DaskTaskRunner(address=o.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": o.dask_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": o.dask_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
 
 
 def with_task_runner(flow_obj, cfg: PipelineConfig):
@@ -110,4 +119,17 @@ def ensure_gpu_limit(slots: int, name: str = "gpu") -> None:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
 
 
-__all__ = ["KEY_PARAM", "by_key", "cached", "config", "section_hash", "file_sha", "fresh", "stamp", "io_retries", "task_runner", "with_task_runner", "ensure_gpu_limit"]
+__all__ = [
+    "KEY_PARAM",
+    "by_key",
+    "cached",
+    "config",
+    "section_hash",
+    "file_sha",
+    "fresh",
+    "stamp",
+    "io_retries",
+    "task_runner",
+    "with_task_runner",
+    "ensure_gpu_limit",
+]

@@ -21,7 +21,7 @@ from flows.common import KEY_PARAM, by_key, cached, config, fresh, io_retries, s
 @task(cache_key_fn=by_key, persist_result=True, task_run_name="denoise {ref.name}")
 def denoise_task(ref, out_dir: str, settings: dict, cache_key: str) -> dict:
     """A scan that cannot be read is a result (reported, the batch goes on), not a failure to retry."""
-    from medgen.denoise_batch import denoise_scan
+    from medgen.denoising.batch import denoise_scan
     from medgen.errors import InputError
 
     try:
@@ -31,7 +31,7 @@ def denoise_task(ref, out_dir: str, settings: dict, cache_key: str) -> dict:
 
 
 def run_denoise(config_path: str, out: str | None = None) -> list[dict]:
-    from medgen.denoise_batch import find_scans
+    from medgen.denoising.batch import find_scans
     from medgen.models.score import default_model_path
     from medgen.provenance import model_folder_sha256
 
@@ -40,14 +40,40 @@ def run_denoise(config_path: str, out: str | None = None) -> list[dict]:
     job = cfg.denoise
     out_dir = Path(out or job.out)
     model = job.model or default_model_path()
-    settings = {"model": str(model), "sigma": job.sigma, "noise": job.noise, "method": job.method, "n_samples": job.n_samples, "seed": job.seed}
+    settings = {
+        "model": str(model),
+        "sigma": job.sigma,
+        "noise": job.noise,
+        "method": job.method,
+        "n_samples": job.n_samples,
+        "seed": job.seed,
+        "precision": job.precision,
+    }
     model_sha = model_folder_sha256(model)
     futures = []
     for ref in find_scans([str(s) for s in job.sources]):
-        key = cached({"task": "denoise", "scan": ref.content_sha256(), "model": model_sha, "settings": settings, "out": str(out_dir.resolve()), "name": ref.name})
+        key = cached(
+            {
+                "task": "denoise",
+                "scan": ref.content_sha256(),
+                "model": model_sha,
+                "settings": settings,
+                "out": str(out_dir.resolve()),
+                "name": ref.name,
+            }
+        )
         output = [out_dir / f"{ref.name}_denoised.nii.gz"]
         ok = fresh(out_dir, f"denoise-{ref.name}", key, output)
-        futures.append((ref, key, output, denoise_task.with_options(refresh_cache=not ok, **io_retries(cfg)).submit(ref, str(out_dir), settings, **{KEY_PARAM: key})))
+        futures.append(
+            (
+                ref,
+                key,
+                output,
+                denoise_task.with_options(refresh_cache=not ok, **io_retries(cfg)).submit(
+                    ref, str(out_dir), settings, **{KEY_PARAM: key}
+                ),
+            )
+        )
     results = []
     for ref, key, output, fut in futures:
         results.append(fut.result())
@@ -61,7 +87,15 @@ def denoise_flow(config_path: str, out: str | None = None) -> list[dict]:
     from prefect.artifacts import create_table_artifact
 
     results = run_denoise(config_path, out)
-    table = [{"scan": r["scan"], "sigma": r.get("sigma"), "result": r.get("error") or ", ".join(r["outputs"]), "notes": "; ".join(r.get("notes", []))} for r in results]
+    table = [
+        {
+            "scan": r["scan"],
+            "sigma": r.get("sigma"),
+            "result": r.get("error") or ", ".join(r["outputs"]),
+            "notes": "; ".join(r.get("notes", [])),
+        }
+        for r in results
+    ]
     create_table_artifact(key="denoise-summary", table=table, description="scans through medgen.denoise")
     return results
 

@@ -31,8 +31,12 @@ def publish_summary(result: dict) -> None:
     syn, v = result["synthesize"], result["synthesize"]["verdict"]
     lines = ["# medgen pipeline", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {t:.1f} |" for k, t in result["seconds"].items()]
-    lines += ["", f"- manifest: {result['ingest']['manifest']}", f"- generator: {result['train']['generator']}",
-              f"- gate: {'PASS' if v['passed'] else 'FAIL'}, {len(v['passing'])} passing, report {v['markdown']}"]
+    lines += [
+        "",
+        f"- manifest: {result['ingest']['manifest']}",
+        f"- generator: {result['train']['generator']}",
+        f"- gate: {'PASS' if v['passed'] else 'FAIL'}, {len(v['passing'])} passing, report {v['markdown']}",
+    ]
     lines += [f"- export {e['format']}: {len(e['exported'])} -> {e['out']}" for e in syn["exports"]]
     lines += [f"- denoised {d['scan']}: " + (d.get("error") or ", ".join(d["outputs"])) for d in result["denoise"]]
     create_markdown_artifact(key="pipeline-summary", markdown="\n".join(lines), description="medgen pipeline run")
@@ -56,7 +60,14 @@ def run_pipeline(config_path: str) -> dict:
         t = time.perf_counter()
         denoised = with_task_runner(denoise_flow, cfg)(config_path)
         times["denoise"] = time.perf_counter() - t
-    result = {"config": config_path, "ingest": ing, "train": trained, "synthesize": synth, "denoise": denoised, "seconds": times}
+    result = {
+        "config": config_path,
+        "ingest": ing,
+        "train": trained,
+        "synthesize": synth,
+        "denoise": denoised,
+        "seconds": times,
+    }
     publish_summary(result)
     return result
 
@@ -81,21 +92,36 @@ def print_summary(result: dict, wall: float) -> None:
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     table.add_column("result", overflow="fold")
-    table.add_row("ingest", f"{result['seconds']['ingest']:.1f}", f"{ing['accepted']} accepted, {ing['rejected']} rejected ({ing['converted']} scans converted, {ing['reused']} unchanged) -> {ing['manifest']}")
+    table.add_row(
+        "ingest",
+        f"{result['seconds']['ingest']:.1f}",
+        f"{ing['accepted']} accepted, {ing['rejected']} rejected ({ing['converted']} scans converted, {ing['reused']} unchanged) -> {ing['manifest']}",
+    )
     table.add_row("train", f"{result['seconds']['train']:.1f}", f"generator {result['train']['generator']}")
-    exported = "; ".join(f"{e['format']}: {len(e['exported'])} -> {e['out']}" for e in syn["exports"]) or "nothing exported"
+    exported = (
+        "; ".join(f"{e['format']}: {len(e['exported'])} -> {e['out']}" for e in syn["exports"]) or "nothing exported"
+    )
     real = v["realism"]
     table.add_row(
-        "synthesize", f"{result['seconds']['synthesize']:.1f}",
+        "synthesize",
+        f"{result['seconds']['synthesize']:.1f}",
         f"gate {'PASS' if v['passed'] else 'FAIL'}: {len(v['passing'])} of {len(v['passing']) + len(v['failing'])} volumes pass; "
         f"FID {_num(real['fid'])} (held-out real {_num(v['realism_heldout_real']['fid'])}); {exported}",
     )
     if result["denoise"]:
-        table.add_row("denoise", f"{result['seconds']['denoise']:.1f}", "; ".join(
-            d.get("error") or f"{d['scan']} (sigma {d['sigma']:.3g}{''.join('; ' + n for n in d.get('notes', []))}) -> {Path(d['outputs'][0]).parent}"
-            for d in result["denoise"]))
+        table.add_row(
+            "denoise",
+            f"{result['seconds']['denoise']:.1f}",
+            "; ".join(
+                d.get("error")
+                or f"{d['scan']} (sigma {d['sigma']:.3g}{''.join('; ' + n for n in d.get('notes', []))}) -> {Path(d['outputs'][0]).parent}"
+                for d in result["denoise"]
+            ),
+        )
     console.print(table)
-    console.print(f"run folder: {Path(syn['run']).parent}   report: {v['markdown']}   montage: {Path(v['markdown']).with_name('montage.png')}")
+    console.print(
+        f"run folder: {Path(syn['run']).parent}   report: {v['markdown']}   montage: {Path(v['markdown']).with_name('montage.png')}"
+    )
 
 
 if __name__ == "__main__":

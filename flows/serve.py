@@ -79,10 +79,14 @@ def main() -> None:
     deps = deployments(load_schedules(args.schedules))
     if args.dry_run:
         for d in deps:
-            print(f"{d.flow_name}/{d.name}: {d.schedules[0].schedule.cron} ({d.schedules[0].schedule.timezone}) {d.parameters}")
+            print(
+                f"{d.flow_name}/{d.name}: {d.schedules[0].schedule.cron} ({d.schedules[0].schedule.timezone}) {d.parameters}"
+            )
         return
     if not os.environ.get("PREFECT_API_URL"):
-        raise SystemExit("flows.serve needs a Prefect server: start one (`prefect server start`) and set PREFECT_API_URL")
+        raise SystemExit(
+            "flows.serve needs a Prefect server: start one (`prefect server start`) and set PREFECT_API_URL"
+        )
     from prefect import serve
 
     serve(*deps)

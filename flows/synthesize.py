@@ -22,15 +22,17 @@ from flows.common import KEY_PARAM, by_key, cached, config, file_sha, fresh, io_
 
 @task(cache_key_fn=by_key, persist_result=True, retries=1, task_run_name="generate {indices}")
 def generate_task(generator: str, indices: list[int], out: str, settings: dict, cache_key: str) -> list[dict]:
-    from medgen.synthesis import generate_volumes
+    from medgen.synthesis.runs import generate_volumes
 
     entries = generate_volumes(generator, indices, out, **settings)
     return [e.model_dump() for e in entries]
 
 
 @task(cache_key_fn=by_key, persist_result=True)
-def record_task(out: str, generator: str, entries: list[dict], sampler: str, steps: int, seed: int, cache_key: str) -> str:
-    from medgen.synthesis import SynthVolume, write_record
+def record_task(
+    out: str, generator: str, entries: list[dict], sampler: str, steps: int, seed: int, cache_key: str
+) -> str:
+    from medgen.synthesis.runs import SynthVolume, write_record
 
     write_record(out, generator, [SynthVolume(**e) for e in entries], sampler=sampler, steps=steps, seed=seed)
     return out
@@ -39,7 +41,7 @@ def record_task(out: str, generator: str, entries: list[dict], sampler: str, ste
 @task(cache_key_fn=by_key, persist_result=True)
 def validate_task(run: str, config_path: str, cache_key: str) -> dict:
     """Returns the gate's verdict summary; the report files are in RUN/quality/."""
-    from medgen.validate import validate_run
+    from medgen.quality.validate import validate_run
 
     v = validate_run(run, quality=config(config_path).quality)
     r = v.result
@@ -59,7 +61,7 @@ def validate_task(run: str, config_path: str, cache_key: str) -> dict:
 @task(cache_key_fn=by_key, persist_result=True, task_run_name="export {fmt}")
 def export_task(run: str, out: str, fmt: str, cache_key: str) -> dict:
     """Idempotent (Dask may re-run a finished task when a worker dies): same files, same bytes."""
-    from medgen.export import export_run
+    from medgen.export.exporter import export_run
 
     r = export_run(run, out, fmt)  # type: ignore[arg-type]
     return {"out": str(r.out), "format": r.format, "exported": r.exported, "not_exported": r.skipped}
@@ -69,15 +71,21 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
     import torch
 
     from medgen.provenance import model_folder_sha256
-    from medgen.synthesis import RECORD, model_sampler
+    from medgen.synthesis.runs import RECORD, model_sampler
 
     cfg = config(config_path)
     g = cfg.generate
     io = io_retries(cfg)
     run = Path(out or cfg.orchestration.run_dir / "synthetic")
     device = cfg.orchestration.torchrun.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = {"sampler": model_sampler(generator, g.sampler), "steps": g.steps, "seed": g.seed, "batch_size": g.batch_size,
-                "device": device, "decode_roi": g.decode_roi}
+    settings = {
+        "sampler": model_sampler(generator, g.sampler),
+        "steps": g.steps,
+        "seed": g.seed,
+        "batch_size": g.batch_size,
+        "device": device,
+        "decode_roi": g.decode_roi,
+    }
     base = {"generator": model_folder_sha256(generator), **settings, "out": str(run.resolve())}
     chunks = [list(range(i, min(g.n, i + g.chunk))) for i in range(0, g.n, g.chunk)]
     futures = []
@@ -85,20 +93,35 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
         key = cached({"task": "generate", **base, "indices": idx})
         files = [run / "volumes" / f"synthetic_{i:04d}.nii.gz" for i in idx]
         ok = fresh(run, f"generate-{idx[0]}-{idx[-1]}", key, files)
-        futures.append((idx, key, files, generate_task.with_options(refresh_cache=not ok).submit(generator, idx, str(run), settings, **{KEY_PARAM: key})))
+        futures.append(
+            (
+                idx,
+                key,
+                files,
+                generate_task.with_options(refresh_cache=not ok).submit(
+                    generator, idx, str(run), settings, **{KEY_PARAM: key}
+                ),
+            )
+        )
     entries = []
     for idx, key, files, fut in futures:
         entries += fut.result()
         stamp(run, f"generate-{idx[0]}-{idx[-1]}", key, files)
     rec_key = cached({"task": "record", **base, "volumes": sorted(e["sha256"] for e in entries)})
     ok = fresh(run, "record", rec_key, [run / RECORD])
-    record_task.with_options(refresh_cache=not ok, **io)(str(run), generator, entries, settings["sampler"], g.steps, g.seed, **{KEY_PARAM: rec_key})
+    record_task.with_options(refresh_cache=not ok, **io)(
+        str(run), generator, entries, settings["sampler"], g.steps, g.seed, **{KEY_PARAM: rec_key}
+    )
     stamp(run, "record", rec_key, [run / RECORD])
     manifest = _training_manifest(generator)
-    v_key = cached({
-        "task": "validate", "record": file_sha(run / RECORD), "quality": section_hash(cfg, "quality"),
-        "manifest": file_sha(manifest) if manifest and Path(manifest).exists() else None,
-    })
+    v_key = cached(
+        {
+            "task": "validate",
+            "record": file_sha(run / RECORD),
+            "quality": section_hash(cfg, "quality"),
+            "manifest": file_sha(manifest) if manifest and Path(manifest).exists() else None,
+        }
+    )
     report = run / "quality" / "report.json"
     ok = fresh(run, "validate", v_key, [report])
     verdict = validate_task.with_options(refresh_cache=not ok, **io)(str(run), config_path, **{KEY_PARAM: v_key})
@@ -110,7 +133,9 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
             e_key = cached({"task": "export", "report": file_sha(report), "format": fmt, "out": str(dest.resolve())})
             # the stamp lives in the run folder: the export folder holds nothing but the deliverable
             ok = fresh(run, f"export-{fmt}", e_key, [dest / "export.json"])
-            exports.append(export_task.with_options(refresh_cache=not ok, **io)(str(run), str(dest), fmt, **{KEY_PARAM: e_key}))
+            exports.append(
+                export_task.with_options(refresh_cache=not ok, **io)(str(run), str(dest), fmt, **{KEY_PARAM: e_key})
+            )
             stamp(run, f"export-{fmt}", e_key, [dest / "export.json"])
     return {"run": str(run), "verdict": verdict, "exports": exports}
 
@@ -138,7 +163,9 @@ def publish_quality(result: dict) -> None:
     lines += [f"- passed: {', '.join(v['passing']) or 'none'}"]
     lines += [f"- failed {name}: {'; '.join(reasons)}" for name, reasons in v["failing"].items()]
     lines += [f"- exported {e['format']}: {len(e['exported'])} volume(s) -> {e['out']}" for e in result["exports"]]
-    create_markdown_artifact(key="gate-verdict", markdown="\n".join(lines), description="what passed the gate and left the pipeline")
+    create_markdown_artifact(
+        key="gate-verdict", markdown="\n".join(lines), description="what passed the gate and left the pipeline"
+    )
 
 
 @flow(name="medgen-synthesize", log_prints=True)

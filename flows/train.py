@@ -29,7 +29,7 @@ from flows.common import KEY_PARAM, by_key, cached, config, ensure_gpu_limit, fr
 
 
 def stage_keys(config_path: str, manifest: str, run_dir: str) -> dict[str, str]:
-    from medgen.data import manifest_items
+    from medgen.datasets.prepared import manifest_items
 
     cfg = config(config_path)
     cfg.require("data", "autoencoder", "diffusion")
@@ -38,7 +38,14 @@ def stage_keys(config_path: str, manifest: str, run_dir: str) -> dict[str, str]:
         "train": [(i["scan_id"], i["sha256"]) for i in manifest_items(manifest, data)],
         "val": [(i["scan_id"], i["sha256"]) for i in manifest_items(manifest, data, data.val_splits)],
     }
-    ae = cached({"stage": "autoencoder", "sections": section_hash(cfg, "data", "autoencoder"), "items": items, "run": str(Path(run_dir).resolve())})
+    ae = cached(
+        {
+            "stage": "autoencoder",
+            "sections": section_hash(cfg, "data", "autoencoder"),
+            "items": items,
+            "run": str(Path(run_dir).resolve()),
+        }
+    )
     dm = cached({"stage": "diffusion", "autoencoder": ae, "sections": section_hash(cfg, "diffusion")})
     return {"autoencoder": ae, "diffusion": dm}
 
@@ -59,11 +66,23 @@ def launch_command(t, args: list[str]) -> list[str]:
     if t.nnodes == 1:
         launcher.append("--standalone")  # a free local rendezvous port: parallel trainings never clash
     else:
-        launcher += [f"--nnodes={t.nnodes}", f"--node_rank={t.node_rank}", f"--master_addr={t.master_addr}", f"--master_port={t.master_port}"]
+        launcher += [
+            f"--nnodes={t.nnodes}",
+            f"--node_rank={t.node_rank}",
+            f"--master_addr={t.master_addr}",
+            f"--master_port={t.master_port}",
+        ]
     return launcher + args
 
 
-@task(cache_key_fn=by_key, persist_result=True, retries=2, retry_delay_seconds=[5, 30], task_run_name="train {stage}", log_prints=True)
+@task(
+    cache_key_fn=by_key,
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    task_run_name="train {stage}",
+    log_prints=True,
+)
 def train_stage_task(stage: str, config_path: str, manifest: str, run_dir: str, cache_key: str) -> str:
     """One stage as `python -m torch.distributed.run ... -m medgen train STAGE` (or, for one process,
     `python -m medgen train STAGE`); returns its folder."""
@@ -72,15 +91,18 @@ def train_stage_task(stage: str, config_path: str, manifest: str, run_dir: str, 
     cfg = config(config_path)
     t = cfg.orchestration.torchrun
     device = _device(cfg)
-    cmd = launch_command(t, ["-m", "medgen", "train", stage, "-c", config_path, "-m", manifest, "-o", run_dir, "--device", device])
+    cmd = launch_command(
+        t, ["-m", "medgen", "train", stage, "-c", config_path, "-m", manifest, "-o", run_dir, "--device", device]
+    )
     log = Path(run_dir) / f"{stage}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
 
     def run() -> None:
         # the trainer's progress lines go to the log file and, through print, to the flow's log
-        with open(log, "a", encoding="utf-8") as f, subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        ) as p:
+        with (
+            open(log, "a", encoding="utf-8") as f,
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as p,
+        ):
             for line in p.stdout:  # type: ignore[union-attr]
                 f.write(line)
                 if line.startswith("["):

@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="medgen: ingest, synthesise, denoise and export medical volumes.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="medgen: ingest, synthesise, denoise and export medical volumes."
+)
 
 
 class Frames(str, Enum):
@@ -27,13 +29,22 @@ def _console():
     return Console()
 
 
-def _run_ingest(sources: list[Path], out: Path, *, workers: int, frames: str, localizers: str, salt: str | None, force: bool):
+def _run_ingest(
+    sources: list[Path], out: Path, *, workers: int, frames: str, localizers: str, salt: str | None, force: bool
+):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from medgen.ingestion import IngestOptions, ingest
+    from medgen.ingestion.run import IngestOptions, ingest
 
     console = _console()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         tasks: dict[str, int] = {}
 
         def progress(phase: str, done: int, total: int) -> None:
@@ -88,12 +99,23 @@ def print_ingest_summary(report, console) -> None:
 
 @app.command()
 def ingest(
-    sources: Annotated[list[Path], typer.Argument(help="Files or folders: DICOM (any tree, DICOMDIR) and NIfTI.", exists=True)],
+    sources: Annotated[
+        list[Path], typer.Argument(help="Files or folders: DICOM (any tree, DICOMDIR) and NIfTI.", exists=True)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: volumes/, manifest.csv.")],
     workers: Annotated[int, typer.Option(help="Processes converting scans in parallel.")] = 1,
-    frames: Annotated[Frames, typer.Option(help="4D NIfTI: reject (error) or one volume per frame (split).")] = Frames.error,
-    localizers: Annotated[Localizers, typer.Option(help="LOCALIZER images inside a series: drop them, or refuse the series.")] = Localizers.drop,
-    salt: Annotated[str | None, typer.Option(help="Secret for pseudonymous ids (default: $MEDGEN_SUBJECT_SALT, or one kept in OUT/.medgen/salt).")] = None,
+    frames: Annotated[
+        Frames, typer.Option(help="4D NIfTI: reject (error) or one volume per frame (split).")
+    ] = Frames.error,
+    localizers: Annotated[
+        Localizers, typer.Option(help="LOCALIZER images inside a series: drop them, or refuse the series.")
+    ] = Localizers.drop,
+    salt: Annotated[
+        str | None,
+        typer.Option(
+            help="Secret for pseudonymous ids (default: $MEDGEN_SUBJECT_SALT, or one kept in OUT/.medgen/salt)."
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option(help="Convert every scan again, even unchanged ones.")] = False,
 ) -> None:
     """Turn DICOM series and NIfTI files into canonical RAS volumes and a validated manifest."""
@@ -106,7 +128,7 @@ def sample_data(
     force: Annotated[bool, typer.Option(help="Rebuild even if a complete set is there.")] = False,
 ) -> None:
     """Assemble the demo data set from files inside installed packages (no download)."""
-    from medgen.sample_data import build_sample_data
+    from medgen.demo_data import build_sample_data
 
     items = build_sample_data(out, force=force)
     console = _console()
@@ -115,7 +137,9 @@ def sample_data(
     console.print(f"{len(items)} items in {out} (provenance and licences: {out / 'README.md'})")
 
 
-train_app = typer.Typer(no_args_is_help=True, help="Train the latent diffusion model: autoencoder first, then diffusion.")
+train_app = typer.Typer(
+    no_args_is_help=True, help="Train the latent diffusion model: autoencoder first, then diffusion."
+)
 app.add_typer(train_app, name="train")
 
 
@@ -126,15 +150,19 @@ class Stage(str, Enum):
 
 @train_app.command("denoiser")
 def train_denoiser_cmd(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config with data and denoiser sections.", exists=True)],
-    manifest: Annotated[Path, typer.Option("--manifest", "-m", help="manifest.csv written by `medgen ingest`.", exists=True)],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="YAML config with data and denoiser sections.", exists=True)
+    ],
+    manifest: Annotated[
+        Path, typer.Option("--manifest", "-m", help="manifest.csv written by `medgen ingest`.", exists=True)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (resumed if it holds a checkpoint).")],
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda when available).")] = None,
 ) -> None:
     """The score model for `medgen denoise --model RUN/score_model`, on your own scans."""
-    from medgen.train.score import train_score_from_manifest
+    from medgen.denoising.train import train_denoiser
 
-    path = train_score_from_manifest(_load_config(config), manifest, out, device=device)
+    path = train_denoiser(_load_config(config), manifest, out, device=device)
     _console().print(f"score model: {path}")
 
 
@@ -148,8 +176,8 @@ def _load_config(path: Path):
 
 
 def _train(stage: str, config: Path, manifest: Path, out: Path, device: str | None):
-    from medgen.train.autoencoder import train_autoencoder
-    from medgen.train.ldm import train_diffusion
+    from medgen.synthesis.train_autoencoder import train_autoencoder
+    from medgen.synthesis.train_diffusion import train_diffusion
 
     cfg = _load_config(config)
     fn = train_autoencoder if stage == "autoencoder" else train_diffusion
@@ -158,8 +186,12 @@ def _train(stage: str, config: Path, manifest: Path, out: Path, device: str | No
 
 @train_app.command("autoencoder")
 def train_autoencoder_cmd(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config with data and autoencoder sections.", exists=True)],
-    manifest: Annotated[Path, typer.Option("--manifest", "-m", help="manifest.csv written by `medgen ingest`.", exists=True)],
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="YAML config with data and autoencoder sections.", exists=True)
+    ],
+    manifest: Annotated[
+        Path, typer.Option("--manifest", "-m", help="manifest.csv written by `medgen ingest`.", exists=True)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (resumed if it holds a checkpoint).")],
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda when available).")] = None,
 ) -> None:
@@ -170,8 +202,13 @@ def train_autoencoder_cmd(
 
 @train_app.command("diffusion")
 def train_diffusion_cmd(
-    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config with data, autoencoder and diffusion sections.", exists=True)],
-    manifest: Annotated[Path, typer.Option("--manifest", "-m", help="manifest.csv written by `medgen ingest`.", exists=True)],
+    config: Annotated[
+        Path,
+        typer.Option("--config", "-c", help="YAML config with data, autoencoder and diffusion sections.", exists=True),
+    ],
+    manifest: Annotated[
+        Path, typer.Option("--manifest", "-m", help="manifest.csv written by `medgen ingest`.", exists=True)
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="The run folder of the autoencoder stage.")],
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda when available).")] = None,
 ) -> None:
@@ -190,7 +227,9 @@ class Sampler(str, Enum):
 def generate(
     model: Annotated[Path, typer.Argument(help="A generator folder (RUN/generator).", exists=True)],
     n: Annotated[int, typer.Option("--n", min=1, help="How many volumes.")] = 4,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: volumes/synthetic_NNNN.nii.gz and synthesis.json.")] = Path("synthetic"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Run folder: volumes/synthetic_NNNN.nii.gz and synthesis.json.")
+    ] = Path("synthetic"),
     sampler: Annotated[Sampler | None, typer.Option(help="Default: the model's own scheduler.")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Sampling steps (DDPM is usually run with 1000).")] = 50,
     seed: Annotated[int, typer.Option(help="Sample i of a seed is the same whatever the batch size.")] = 0,
@@ -201,15 +240,19 @@ def generate(
     _run_generate(model, n, out, sampler.value if sampler else None, steps, seed, batch_size, device)
 
 
-def _run_generate(model: Path, n: int, out: Path, sampler: str | None, steps: int, seed: int, batch_size: int, device: str | None):
+def _run_generate(
+    model: Path, n: int, out: Path, sampler: str | None, steps: int, seed: int, batch_size: int, device: str | None
+):
     import time
 
-    from medgen.synthesis import synthesize
+    from medgen.synthesis.runs import synthesize
 
     t0 = time.perf_counter()
     record = synthesize(model, n, out, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, device=device)
     seconds = time.perf_counter() - t0
-    _console().print(f"{n} volumes in {seconds:.1f} s with {record.sampler}-{steps} -> {out / 'volumes'} (record: {out / 'synthesis.json'})")
+    _console().print(
+        f"{n} volumes in {seconds:.1f} s with {record.sampler}-{steps} -> {out / 'volumes'} (record: {out / 'synthesis.json'})"
+    )
     return record
 
 
@@ -221,12 +264,21 @@ def _load_quality(config: Path | None):
 
 @app.command()
 def validate(
-    run: Annotated[Path, typer.Argument(help="A synthesis run folder (from `medgen generate`).", exists=True, file_okay=False)],
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Config whose `quality` section sets the gate (default thresholds otherwise).")] = None,
-    manifest: Annotated[Path | None, typer.Option(help="Training manifest, if not where the generator recorded it.")] = None,
+    run: Annotated[
+        Path, typer.Argument(help="A synthesis run folder (from `medgen generate`).", exists=True, file_okay=False)
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Config whose `quality` section sets the gate (default thresholds otherwise)."
+        ),
+    ] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="Training manifest, if not where the generator recorded it.")
+    ] = None,
 ) -> None:
     """Run the quality gate on a synthesis run: metrics, verdicts, RUN/quality/report.{json,md}, montage and histograms."""
-    from medgen.validate import validate_run
+    from medgen.quality.validate import validate_run
 
     v = validate_run(run, quality=_load_quality(config), manifest=manifest)
     print_validation(v, _console())
@@ -246,15 +298,20 @@ def print_validation(v, console) -> None:
         c = vv.checks
         ncc, cos = c.get("nearest_ncc"), c.get("nearest_feature_cosine")
         table.add_row(
-            vv.name, "[green]pass" if vv.passed else "[red]FAIL",
-            "" if ncc is None else f"{ncc:.3f}", "" if cos is None else f"{cos:.3f}", escape("; ".join(vv.reasons)),
+            vv.name,
+            "[green]pass" if vv.passed else "[red]FAIL",
+            "" if ncc is None else f"{ncc:.3f}",
+            "" if cos is None else f"{cos:.3f}",
+            escape("; ".join(vv.reasons)),
         )
     console.print(table)
     real = ", ".join(f"{k.upper()} {val:.4g}" for k, val in r.realism.items() if val is not None)
     d = r.diversity
     console.print(f"realism vs training: {real}")
     if d["synthetic_mean_pairwise_ms_ssim"] is not None:
-        console.print(f"diversity (mean pairwise MS-SSIM): synthetic {d['synthetic_mean_pairwise_ms_ssim']:.3f}, real {d['real_mean_pairwise_ms_ssim']:.3f}")
+        console.print(
+            f"diversity (mean pairwise MS-SSIM): synthetic {d['synthetic_mean_pairwise_ms_ssim']:.3f}, real {d['real_mean_pairwise_ms_ssim']:.3f}"
+        )
     verdict = "[green]PASS" if r.passed else "[red]FAIL: " + escape("; ".join(r.reasons))
     console.print(f"batch verdict: {verdict}  (report: {v.report_path.parent / 'report.md'})")
 
@@ -268,13 +325,19 @@ class ExportFormatOption(str, Enum):
 def export(
     run: Annotated[Path, typer.Argument(help="A validated synthesis run folder.", exists=True, file_okay=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Export folder.")],
-    format: Annotated[ExportFormatOption, typer.Option("--format", "-f", help="nifti (with .provenance.json) or dicom (a series per volume).")] = ExportFormatOption.nifti,
+    format: Annotated[
+        ExportFormatOption,
+        typer.Option("--format", "-f", help="nifti (with .provenance.json) or dicom (a series per volume)."),
+    ] = ExportFormatOption.nifti,
 ) -> None:
     """Export the volumes that passed the gate, atomically and idempotently, with provenance sidecars."""
-    from medgen.export import export_run
+    from medgen.export.exporter import export_run
 
     r = export_run(run, out, format.value)
-    _console().print(f"exported {len(r.exported)} volume(s) as {r.format} -> {out}" + (f"; not exported (failed the gate): {', '.join(r.skipped)}" if r.skipped else ""))
+    _console().print(
+        f"exported {len(r.exported)} volume(s) as {r.format} -> {out}"
+        + (f"; not exported (failed the gate): {', '.join(r.skipped)}" if r.skipped else "")
+    )
 
 
 class NoiseKind(str, Enum):
@@ -289,31 +352,61 @@ class DenoiseMethod(str, Enum):
 
 @app.command()
 def denoise(
-    scan: Annotated[Path, typer.Argument(help="NIfTI file, DICOM series folder or multi-frame DICOM file.", exists=True)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="A .nii/.nii.gz file, or (DICOM input) a folder for the DICOM series.")],
-    sigma: Annotated[float | None, typer.Option(help="Noise SD in the scan's units (default: estimated from the scan).")] = None,
+    scan: Annotated[
+        Path, typer.Argument(help="NIfTI file, DICOM series folder or multi-frame DICOM file.", exists=True)
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="A .nii/.nii.gz file, or (DICOM input) a folder for the DICOM series.")
+    ],
+    sigma: Annotated[
+        float | None, typer.Option(help="Noise SD in the scan's units (default: estimated from the scan).")
+    ] = None,
     noise: Annotated[NoiseKind, typer.Option(help="gaussian, or rician for magnitude MR.")] = NoiseKind.gaussian,
-    method: Annotated[DenoiseMethod, typer.Option(help="tweedie (MMSE, one pass) or posterior (sampling, with an uncertainty map).")] = DenoiseMethod.tweedie,
+    method: Annotated[
+        DenoiseMethod, typer.Option(help="tweedie (MMSE, one pass) or posterior (sampling, with an uncertainty map).")
+    ] = DenoiseMethod.tweedie,
     n_samples: Annotated[int, typer.Option(min=1, help="Posterior samples.")] = 4,
     seed: Annotated[int, typer.Option()] = 0,
-    model: Annotated[Path | None, typer.Option(help="A score-model folder (default: the one shipped with medgen).")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="A score-model folder (default: the one shipped with medgen).")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (bf16 on CUDA, fp32 on CPU), bf16 (also on a CPU with native bf16: ~1.9x faster), fp16, fp32."
+        ),
+    ] = "auto",
 ) -> None:
     """Denoise a scan with the score model; NIfTI out, or a DERIVED DICOM series for DICOM input."""
-    from medgen.denoising import denoise_detailed
-    from medgen.load import load_volume
+    from medgen.denoising.denoiser import denoise_detailed
+    from medgen.io.load import load_volume
 
     vol = load_volume(scan)
-    r = denoise_detailed(vol, model=model, sigma=sigma, noise=noise.value, method=method.value, n_samples=n_samples, seed=seed, device=device)
-    from medgen.denoise_batch import write_denoised
+    r = denoise_detailed(
+        vol,
+        model=model,
+        sigma=sigma,
+        noise=noise.value,
+        method=method.value,
+        n_samples=n_samples,
+        seed=seed,
+        device=device,
+        precision=precision,
+    )  # type: ignore[arg-type]
+    from medgen.denoising.batch import write_denoised
 
     console = _console()
     is_nifti_out = out.name.endswith((".nii", ".nii.gz"))
     to_dicom = vol.meta.source is not None and vol.meta.source.kind == "dicom" and not is_nifti_out
     nifti = None if to_dicom else (out if is_nifti_out else out / "denoised.nii.gz")
     for p in write_denoised(vol, r.volume, r.std, nifti=nifti, dicom=out if to_dicom else None):
-        console.print(f"-> {p}" + (" (new DICOM series, ImageType DERIVED\\SECONDARY)" if p == out and to_dicom else ""))
-    console.print(f"sigma {r.sigma:.4g} {vol.meta.units} ({'estimated' if r.sigma_estimated else 'given'}), method {method.value}")
+        console.print(
+            f"-> {p}" + (" (new DICOM series, ImageType DERIVED\\SECONDARY)" if p == out and to_dicom else "")
+        )
+    console.print(
+        f"sigma {r.sigma:.4g} {vol.meta.units} ({'estimated' if r.sigma_estimated else 'given'}), method {method.value}"
+    )
 
 
 def main() -> None:

@@ -10,11 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medgen.errors import MedgenError
-
-
-class ConfigError(MedgenError):
-    """A config file that cannot be used; the message names the file and every bad field."""
+from medgen.errors import ConfigError
 
 
 class _Strict(BaseModel):
@@ -39,11 +35,6 @@ class IngestConfig(_Strict):
         if min(v) < 0 or sum(v) <= 0:
             raise ValueError("split fractions must be >= 0 and not all zero")
         return v
-
-    def options(self):
-        from medgen.ingestion import IngestOptions
-
-        return IngestOptions(frames=self.frames, localizers=self.localizers, split=self.split, split_seed=self.split_seed)
 
 
 Split = Literal["train", "val", "test"]
@@ -98,7 +89,9 @@ class StageTrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
-    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; bf16: also on a CPU with native bf16
+    amp: Literal["auto", "bf16", "fp16", "fp32", "none"] = (
+        "auto"  # medgen.models.precision: auto = bf16 on CUDA, fp32 on CPU
+    )
     ema_decay: float | None = Field(None, ge=0, lt=1)
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
@@ -114,13 +107,30 @@ class PerceptualConfig(_Strict):
     weight: float = Field(gt=0)
 
 
-class AutoencoderConfig(_Strict):
+class AutoencoderNetworkConfig(_Strict):
+    """The KL autoencoder's architecture: all a model folder needs to rebuild it (no training section)."""
+
     channels: tuple[int, ...] = (32, 64, 64)
     latent_channels: int = Field(3, ge=1)
     num_res_blocks: int = Field(1, ge=1)
     attention_levels: tuple[bool, ...] = (False, False, False)
     norm_num_groups: int = Field(16, ge=1)
     nonlocal_attention: bool = False  # MONAI's encoder/decoder mid-block attention (costly at 3D)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+    @classmethod
+    def from_metadata(cls, recorded: dict) -> "AutoencoderNetworkConfig":
+        """A generator's metadata records the autoencoder's training weights (kl, adversarial) beside its
+        architecture; the network is built from the architecture's fields alone."""
+        return cls.model_validate({k: v for k, v in recorded.items() if k in cls.model_fields})
+
+
+class AutoencoderConfig(AutoencoderNetworkConfig):
+    """The autoencoder training stage: its network plus the losses and the training loop's settings."""
+
     kl_weight: float = Field(1e-6, ge=0)
     adv_weight: float = Field(0.0, ge=0)  # 0 disables the PatchGAN term
     adv_start: int = Field(0, ge=0)  # warm-up: steps of L1 + KL before the adversarial term
@@ -130,12 +140,10 @@ class AutoencoderConfig(_Strict):
     perceptual: PerceptualConfig | None = None
     train: StageTrainConfig
 
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.channels) - 1)
 
+class DiffusionNetworkConfig(_Strict):
+    """The latent diffusion UNet and its noise schedule: what sampling needs, no training section."""
 
-class DiffusionConfig(_Strict):
     scheduler: Literal["ddpm", "ddim", "rflow"] = "ddpm"  # ddpm/ddim train alike; rflow is rectified flow
     prediction: Literal["epsilon", "v_prediction"] = "epsilon"  # ignored by rflow (velocity)
     num_train_timesteps: int = Field(1000, ge=10)
@@ -147,6 +155,11 @@ class DiffusionConfig(_Strict):
     num_res_blocks: int = Field(1, ge=1)
     num_head_channels: int = Field(8, ge=1)
     norm_num_groups: int = Field(16, ge=1)
+
+
+class DiffusionConfig(DiffusionNetworkConfig):
+    """The diffusion training stage: the network and schedule plus the training loop's settings."""
+
     train: StageTrainConfig
 
 
@@ -160,7 +173,7 @@ class GenerateConfig(_Strict):
     chunk: int = Field(2, ge=1)  # volumes per generation task when the flow fans out
 
 
-class DenoiserConfig(_Strict):
+class ScoreNetworkConfig(_Strict):
     """An image-space, noise-conditional score model (epsilon-predicting DiffusionModelUNet).
 
     Trained at noise-to-signal ratios sigma in [sigma_min, sigma_max] (intensities scaled so the
@@ -179,18 +192,25 @@ class DenoiserConfig(_Strict):
     sigma_min: float = Field(0.01, gt=0)
     sigma_max: float = Field(0.2, gt=0)
     patch: tuple[int, int, int] = (32, 32, 32)
-    train: StageTrainConfig
 
     @model_validator(mode="after")
-    def _check(self) -> "DenoiserConfig":
+    def _check(self) -> "ScoreNetworkConfig":
         if self.sigma_max <= self.sigma_min:
             raise ValueError("sigma_max must be greater than sigma_min")
         down = 2 ** (len(self.channels) - 1)
         if any(p % down for p in self.patch):
             raise ValueError(f"patch {self.patch} must be divisible by the UNet's downsampling ({down})")
         if len(self.attention_levels) != len(self.channels) or any(c % self.norm_num_groups for c in self.channels):
-            raise ValueError("attention_levels needs one entry per channels level, channels multiples of norm_num_groups")
+            raise ValueError(
+                "attention_levels needs one entry per channels level, channels multiples of norm_num_groups"
+            )
         return self
+
+
+class DenoiserConfig(ScoreNetworkConfig):
+    """The score model's training stage: the network plus the training loop's settings."""
+
+    train: StageTrainConfig
 
 
 class FeatureEncoderConfig(_Strict):
@@ -247,6 +267,7 @@ class DenoiseJobConfig(_Strict):
     method: Literal["tweedie", "posterior"] = "tweedie"
     n_samples: int = Field(4, ge=1)
     seed: int = 0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # medgen.models.precision
 
 
 class TorchrunConfig(_Strict):
@@ -296,7 +317,9 @@ class PipelineConfig(_Strict):
             if any(c % ae.norm_num_groups for c in ae.channels):
                 raise ValueError("autoencoder.channels must be multiples of norm_num_groups")
             if self.data is not None and any(n % ae.downsample for n in self.data.size):
-                raise ValueError(f"data.size {self.data.size} must be divisible by the autoencoder's downsampling ({ae.downsample})")
+                raise ValueError(
+                    f"data.size {self.data.size} must be divisible by the autoencoder's downsampling ({ae.downsample})"
+                )
         dm = self.diffusion
         if dm is not None:
             if len(dm.attention_levels) != len(dm.channels):
@@ -307,7 +330,9 @@ class PipelineConfig(_Strict):
                 latent = [n // ae.downsample for n in self.data.size]
                 down = 2 ** (len(dm.channels) - 1)
                 if any(n % down for n in latent):
-                    raise ValueError(f"latent size {latent} must be divisible by the diffusion UNet's downsampling ({down})")
+                    raise ValueError(
+                        f"latent size {latent} must be divisible by the diffusion UNet's downsampling ({down})"
+                    )
         return self
 
     def require(self, *sections: str) -> None:

@@ -132,3 +132,38 @@ class AmbiguousSourceError(InputError):
 
 class ManifestError(MedgenError):
     """A manifest that does not match data_schemas/manifest.schema.json."""
+
+
+# Errors of the stages: each says which file or folder and why.
+
+
+class DenoiseError(MedgenError, ValueError):
+    """A denoising request that cannot be honoured (bad sigma, method, n_samples...)."""
+
+
+class RunError(MedgenError):
+    """A folder that is not a usable synthesis run (missing or altered files)."""
+
+
+class BundleError(MedgenError):
+    """A model folder that is incomplete, altered, or of an unknown format."""
+
+
+class ValidationError(MedgenError):
+    """A run that cannot be validated (no training manifest, too few real volumes, ...)."""
+
+
+class ExportError(MedgenError):
+    """An export refused: the run is not validated, its batch failed, or the target is unusable."""
+
+
+class TrainingDivergedError(MedgenError):
+    """Too many steps with non-finite loss or gradients: training stopped rather than go on."""
+
+
+class NoTrainingDataError(MedgenError):
+    """The manifest has no accepted row matching the data config."""
+
+
+class ConfigError(MedgenError):
+    """A config file that cannot be used; the message names the file and every bad field."""

@@ -36,9 +36,16 @@ def code_version() -> dict[str, str | None]:
     root = Path(medgen.__file__).resolve().parents[1]
     if (root / ".git").exists():
         try:
-            out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+            out = subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+            )
             commit = out.stdout.strip() or None
-            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+            dirty = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
             if commit and dirty.stdout.strip():
                 commit += "-dirty"
         except (OSError, subprocess.SubprocessError):

@@ -2,20 +2,22 @@
 
 A `Volume` is a float32 array indexed (i, j, k), a 4x4 affine from voxel indices to RAS world
 millimetres, and metadata. Geometry is never dropped: every transform returns a new Volume with a
-matching affine. LPS exists only at the DICOM boundary (medgen.io.dicom).
+matching affine. LPS exists only at the DICOM boundary (medgen.io.dicom). Files are written by
+medgen.io (write_nifti, write_series): the Volume knows no file format, so io may import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def centred_affine(spacing: tuple[float, float, float], shape: tuple[int, ...], rotation: np.ndarray | None = None) -> np.ndarray:
+def centred_affine(
+    spacing: tuple[float, float, float], shape: tuple[int, ...], rotation: np.ndarray | None = None
+) -> np.ndarray:
     """RAS affine with `spacing` (optionally rotated: oblique) whose grid centre is the world origin."""
     a = np.eye(4)
     a[:3, :3] = (rotation if rotation is not None else np.eye(3)) @ np.diag(spacing)
@@ -24,27 +26,13 @@ def centred_affine(spacing: tuple[float, float, float], shape: tuple[int, ...], 
 
 
 @dataclass(frozen=True)
-class IntensityStep:
-    """An affine intensity map `y = x * scale + offset` applied after reading.
-
-    Recorded so preprocessing (CT windows, percentile scaling) can be inverted before export.
-    """
-
-    name: str
-    scale: float
-    offset: float
-
-    def invert(self, values: np.ndarray) -> np.ndarray:
-        return (values - self.offset) / self.scale
-
-
-@dataclass(frozen=True)
 class SourceInfo:
     """Where a volume came from.
 
-    `identifiers` holds patient/study values (PatientID, StudyInstanceUID, ...) needed to derive a
-    pseudonymous subject id. They are private to ingestion: nothing that writes files reads them,
-    and `repr` hides them so they do not end up in logs.
+    `identifiers` holds the source's patient/study values (PatientID, StudyInstanceUID, ...). Two
+    readers only: ingestion derives a pseudonymous subject id from them, and a derived DICOM series
+    of this very scan (denoising, medgen.denoising.batch) joins its patient and study with them.
+    Synthetic outputs never see them, and `repr` hides them so they do not end up in logs.
     """
 
     kind: str  # "dicom" | "nifti" | "generated"
@@ -58,8 +46,7 @@ class VolumeMeta:
     modality: str = "OT"
     units: str = "a.u."
     source: SourceInfo | None = None
-    intensity: tuple[IntensityStep, ...] = ()
-    notes: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what happened to the volume on its way (dropped localizers, clamps, ...)
 
 
 @dataclass(eq=False)
@@ -104,8 +91,9 @@ class Volume:
     def replace(self, **changes: Any) -> "Volume":
         return dataclasses.replace(self, **changes)
 
-    def with_note(self, note: str) -> "Volume":
-        return self.replace(meta=dataclasses.replace(self.meta, notes=self.meta.notes + (note,)))
+    def with_note(self, *notes: str) -> "Volume":
+        """The one way to add notes: a new Volume, the same data, its metadata's notes extended."""
+        return self.replace(meta=dataclasses.replace(self.meta, notes=self.meta.notes + notes))
 
     def as_closest_canonical(self) -> "Volume":
         """Flip/permute axes (lossless, no resampling) so the array runs R, A, S along i, j, k."""
@@ -117,12 +105,6 @@ class Volume:
         data = nio.apply_orientation(self.data, ornt)
         affine = self.affine @ nio.inv_ornt_aff(ornt, self.data.shape)
         return self.replace(data=np.ascontiguousarray(data), affine=affine)
-
-    def to_nifti(self, path: str | Path) -> Path:
-        """Write as NIfTI-1 with qform == sform, atomically. Nothing identifying is written."""
-        from medgen.io.nifti import write_nifti
-
-        return write_nifti(self, path)
 
     def __repr__(self) -> str:
         sp = "x".join(f"{s:.3g}" for s in self.spacing)

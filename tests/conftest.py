@@ -3,14 +3,13 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from medgen.volume import Volume, VolumeMeta
-
-import tempfile
 
 os.environ.setdefault("MEDGEN_SUBJECT_SALT", "test-salt")
 # Quiet, isolated Prefect: its own home (SQLite), warnings only, no analytics.
@@ -33,7 +32,7 @@ def dcm2niix_binary() -> str:
 
 
 def oblique_affine(spacing=(0.8, 0.9, 2.0), angles=(10.0, -7.0, 25.0), origin=(-30.0, 12.5, 40.0)) -> np.ndarray:
-    from medgen.sample_data import rotation
+    from medgen.demo_data import rotation
 
     a = np.eye(4)
     a[:3, :3] = rotation(angles) @ np.diag(spacing)
@@ -54,7 +53,7 @@ def make_volume(shape=(32, 28, 8), *, modality="CT", seed=0, affine=None) -> Vol
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory) -> Path:
-    from medgen.sample_data import build_sample_data
+    from medgen.demo_data import build_sample_data
 
     out = tmp_path_factory.mktemp("sample") / "sample_data"
     build_sample_data(out)

@@ -13,9 +13,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
-
 from conftest import make_volume, oblique_affine
-from medgen.io.dicom_write import write_series
+
+from medgen.io.dicom.write import write_series
 
 
 def _series(folder: Path, seed: int, **kw) -> list[Path]:
@@ -37,7 +37,9 @@ def build_corpus(root: Path) -> dict[str, tuple[str, str]]:
     # Good scans in the same batch: they must still ingest.
     _series(root / "good_ct", 1, patient={"PatientID": "GOOD-1", "PatientName": "Good^Patient"})
     expect["good_ct"] = ("accepted", "")
-    nib.save(nib.Nifti1Image(rng.random((10, 11, 12), dtype=np.float32), np.diag([1.0, 1, 1, 1])), root / "good_T1w.nii.gz")
+    nib.save(
+        nib.Nifti1Image(rng.random((10, 11, 12), dtype=np.float32), np.diag([1.0, 1, 1, 1])), root / "good_T1w.nii.gz"
+    )
     expect["good_T1w.nii.gz"] = ("accepted", "")
 
     # 1. truncated DICOM: one slice of a series cut in the middle of its pixel data

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from corpus import build_corpus
+
 from medgen import ingest, load_volume
 from medgen.errors import (
     DuplicateSliceError,
@@ -24,7 +24,7 @@ from medgen.errors import (
     TruncatedFileError,
     UnreadableFileError,
 )
-from medgen.ingestion import IngestOptions
+from medgen.ingestion.run import IngestOptions
 
 
 @pytest.fixture(scope="module")

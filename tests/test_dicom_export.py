@@ -18,15 +18,15 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from conftest import make_volume, oblique_affine
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from conftest import make_volume, oblique_affine
 from medgen import load_volume
-from medgen.io.dicom_write import SOP_CLASS, _stored_values, write_series
+from medgen.io.dicom.write import SOP_CLASS, _stored_values, write_series
 from medgen.volume import Volume, VolumeMeta
 
 TOL_MM = 1e-3
-WHEN = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc)
+WHEN = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
 ERROR = re.compile(r"(?m)^Error[^\n]*|Error - [^\n]*")  # dcentvfy may run messages together on one line
 
 
@@ -35,7 +35,9 @@ def dicom3tools() -> tuple[str, str]:
     found = shutil.which("dciodvfy"), shutil.which("dcentvfy")
     if None in found:
         if os.environ.get("CI"):
-            pytest.fail("dicom3tools (dciodvfy, dcentvfy) is missing on CI: .ci/run installs it (apt-get install dicom3tools)")
+            pytest.fail(
+                "dicom3tools (dciodvfy, dcentvfy) is missing on CI: .ci/run installs it (apt-get install dicom3tools)"
+            )
         pytest.skip("dicom3tools not installed (apt-get install dicom3tools); CI runs these checks")
     return found  # type: ignore[return-value]
 
@@ -49,7 +51,10 @@ def ct_volume(shape=(40, 36, 5), seed=0, affine=None) -> Volume:
 CASES = {
     "ct": (lambda: ct_volume(seed=1), {}),
     "mr": (lambda: make_volume((40, 36, 5), modality="MR", seed=2), {}),
-    "ct_backwards_rle": (lambda: ct_volume(seed=3, affine=oblique_affine(spacing=(0.7, 0.7, -1.5), angles=(-15, 10, 5))), {"transfer_syntax": RLELossless}),
+    "ct_backwards_rle": (
+        lambda: ct_volume(seed=3, affine=oblique_affine(spacing=(0.7, 0.7, -1.5), angles=(-15, 10, 5))),
+        {"transfer_syntax": RLELossless},
+    ),
     "mr_j2k": (lambda: make_volume((40, 36, 4), modality="MR", seed=4), {"transfer_syntax": JPEG2000Lossless}),
 }
 
@@ -60,7 +65,9 @@ def exported(tmp_path_factory):
     out = {}
     for name, (make, kw) in CASES.items():
         vol = make()
-        paths = write_series(vol, base / name, deidentified=True, uid_seed=f"export-{name}", content_datetime=WHEN, **kw)
+        paths = write_series(
+            vol, base / name, deidentified=True, uid_seed=f"export-{name}", content_datetime=WHEN, **kw
+        )
         out[name] = (vol, base / name, paths)
     return out
 
@@ -117,7 +124,9 @@ def test_deidentified_attributes(exported, name):
         assert "RescaleSlope" in ds and "RescaleIntercept" in ds  # non-integer values: int16 + rescale
         if modality == "CT":
             assert ds.RescaleType == "HU"
-    assert pydicom.dcmread(paths[0]).file_meta.TransferSyntaxUID == CASES[name][1].get("transfer_syntax", ExplicitVRLittleEndian)
+    assert pydicom.dcmread(paths[0]).file_meta.TransferSyntaxUID == CASES[name][1].get(
+        "transfer_syntax", ExplicitVRLittleEndian
+    )
 
 
 def test_deidentified_refuses_patient_identifiers(tmp_path):
@@ -200,5 +209,7 @@ def test_repeated_export_is_byte_identical(tmp_path):
     assert [p.name for p in a] == [p.name for p in b]
     for pa, pb in zip(a, b):
         assert pa.read_bytes() == pb.read_bytes(), pa.name
-    c = write_series(vol, tmp_path / "c", deidentified=True, uid_seed="same", content_datetime=WHEN + dt.timedelta(days=1))
+    c = write_series(
+        vol, tmp_path / "c", deidentified=True, uid_seed="same", content_datetime=WHEN + dt.timedelta(days=1)
+    )
     assert pydicom.dcmread(c[0]).ContentDate == "20240507"

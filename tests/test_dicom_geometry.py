@@ -12,12 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import CT5N, DICOMDIR_TESTS, dcm2niix_binary, make_volume, oblique_affine
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from conftest import CT5N, DICOMDIR_TESTS, dcm2niix_binary, make_volume, oblique_affine
 from medgen import load_volume, load_volumes
-from medgen.io.dicom_write import write_series
+from medgen.io.dicom.write import write_series
 
 TOL_MM = 1e-3
 
@@ -37,7 +37,11 @@ def sitk_reference(folder) -> tuple[np.ndarray, np.ndarray]:
 def dcm2niix_reference(source, tmp_path) -> tuple[np.ndarray, np.ndarray]:
     out = tmp_path / "dcm2niix"
     out.mkdir()
-    subprocess.run([dcm2niix_binary(), "-z", "n", "-b", "n", "-f", "ref", "-o", str(out), str(source)], check=True, capture_output=True)
+    subprocess.run(
+        [dcm2niix_binary(), "-z", "n", "-b", "n", "-f", "ref", "-o", str(out), str(source)],
+        check=True,
+        capture_output=True,
+    )
     files = sorted(out.glob("*.nii"))
     assert len(files) == 1, f"dcm2niix wrote {[f.name for f in files]}"
     img = nib.load(files[0])
@@ -147,9 +151,9 @@ def test_dicomdir_loads_the_series_it_references():
 
 def load_volumes_tolerant(path):
     """The DICOMDIR test tree holds refused series too; keep the ones that load."""
-    from medgen.discover import discover
     from medgen.errors import InputError
-    from medgen.io.dicom import read_series
+    from medgen.io.dicom.series import read_series
+    from medgen.io.discover import discover
 
     found = discover([path])
     assert len(found.series) > 5  # the DICOMDIR was expanded into its referenced files

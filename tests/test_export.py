@@ -19,15 +19,16 @@ from test_ldm import blobs, config
 
 from medgen import ingest
 from medgen.config import QualityConfig
-from medgen.data import manifest_items, prepare
-from medgen.export import ExportError, export_run
-from medgen.io.dicom_write import write_series
+from medgen.datasets.prepared import manifest_items, prepare
+from medgen.export.exporter import ExportError, export_run
+from medgen.io.dicom.write import write_series
+from medgen.io.nifti import write_nifti
 from medgen.models.bundle import load_generator
 from medgen.provenance import code_version, model_folder_sha256, sha256_file
-from medgen.synthesis import RECORD, SynthesisRecord, SynthVolume, synthesize
-from medgen.train.autoencoder import train_autoencoder
-from medgen.train.ldm import train_diffusion
-from medgen.validate import ValidationError, read_report, validate_run
+from medgen.quality.validate import ValidationError, read_report, validate_run
+from medgen.synthesis.runs import RECORD, SynthesisRecord, SynthVolume, synthesize
+from medgen.synthesis.train_autoencoder import train_autoencoder
+from medgen.synthesis.train_diffusion import train_diffusion
 from medgen.volume import Volume, VolumeMeta
 
 torch.set_num_threads(1)
@@ -41,7 +42,11 @@ IDENTIFIERS = {
     "StudyDate": "20190314",
     "ReferringPhysicianName": "HOUSE^GREGORY",
 }
-SOURCE_UIDS = {"study": "1.2.826.0.1.3680043.8.498.77001", "series": "1.2.826.0.1.3680043.8.498.77002", "frame": "1.2.826.0.1.3680043.8.498.77003"}
+SOURCE_UIDS = {
+    "study": "1.2.826.0.1.3680043.8.498.77001",
+    "series": "1.2.826.0.1.3680043.8.498.77002",
+    "frame": "1.2.826.0.1.3680043.8.498.77003",
+}
 QUALITY = QualityConfig(encoder={"steps": 30}, gate={"min_pass_fraction": 0.5})
 
 
@@ -49,8 +54,15 @@ def identified_series(folder: Path) -> None:
     """An MR series of a 'real patient': identifying values in names, IDs, dates and UIDs."""
     vol = Volume(blobs(100), np.diag([4.0, 4.0, 4.0, 1.0]), VolumeMeta(modality="MR", units="a.u."))
     ids = {k: IDENTIFIERS[k] for k in ("PatientName", "PatientID", "PatientBirthDate")}
-    paths = write_series(vol, folder, patient=ids, study_uid=SOURCE_UIDS["study"], series_uid=SOURCE_UIDS["series"],
-                         frame_of_reference_uid=SOURCE_UIDS["frame"], image_type=("ORIGINAL", "PRIMARY"))
+    paths = write_series(
+        vol,
+        folder,
+        patient=ids,
+        study_uid=SOURCE_UIDS["study"],
+        series_uid=SOURCE_UIDS["series"],
+        frame_of_reference_uid=SOURCE_UIDS["frame"],
+        image_type=("ORIGINAL", "PRIMARY"),
+    )
     for p in paths:
         ds = pydicom.dcmread(p)
         for k in ("AccessionNumber", "InstitutionName", "StudyDate", "ReferringPhysicianName"):
@@ -64,7 +76,9 @@ def world(tmp_path_factory):
     src = tmp_path_factory.mktemp("q_src")
     for i in range(12):
         (src / f"sub-{i:02d}").mkdir()
-        nib.save(nib.Nifti1Image(blobs(i), np.diag([4.0, 4.0, 4.0, 1.0])), src / f"sub-{i:02d}" / f"sub-{i:02d}_T1w.nii.gz")
+        nib.save(
+            nib.Nifti1Image(blobs(i), np.diag([4.0, 4.0, 4.0, 1.0])), src / f"sub-{i:02d}" / f"sub-{i:02d}_T1w.nii.gz"
+        )
     identified_series(src / "patient_dicom")
     report = ingest(src, src.parent / "q_ingest", salt="medgen-quality-test")
     assert len(report.accepted) == 13
@@ -76,7 +90,13 @@ def world(tmp_path_factory):
     held = manifest_items(report.manifest_path, cfg.data, ["val", "test"])
     assert len(train) >= 2 and len(held) >= 2
     dicom_row = next(r for r in report.rows if "patient_dicom" in r["source"])
-    return {"manifest": report.manifest_path, "generator": gen, "cfg": cfg, "held": held, "dicom_split": dicom_row["split"]}
+    return {
+        "manifest": report.manifest_path,
+        "generator": gen,
+        "cfg": cfg,
+        "held": held,
+        "dicom_split": dicom_row["split"],
+    }
 
 
 def fake_run(world, out: Path, arrays_model: list[np.ndarray]) -> Path:
@@ -85,10 +105,20 @@ def fake_run(world, out: Path, arrays_model: list[np.ndarray]) -> Path:
     entries = []
     for i, a in enumerate(arrays_model):
         v = Volume(gen.intensity.to_units(a).astype(np.float32), gen.affine, VolumeMeta(modality="MR", units="a.u."))
-        p = v.to_nifti(out / "volumes" / f"synthetic_{i:04d}.nii.gz")
-        entries.append(SynthVolume(name=f"synthetic_{i:04d}", file=str(p.relative_to(out)), index=i, sha256=sha256_file(p)))
-    rec = SynthesisRecord(generator=str(world["generator"]), generator_sha256=model_folder_sha256(world["generator"]), sampler="ddim",
-                          steps=5, seed=0, created="2026-01-02T03:04:05+00:00", code_version=code_version(), volumes=entries)
+        p = write_nifti(v, out / "volumes" / f"synthetic_{i:04d}.nii.gz")
+        entries.append(
+            SynthVolume(name=f"synthetic_{i:04d}", file=str(p.relative_to(out)), index=i, sha256=sha256_file(p))
+        )
+    rec = SynthesisRecord(
+        generator=str(world["generator"]),
+        generator_sha256=model_folder_sha256(world["generator"]),
+        sampler="ddim",
+        steps=5,
+        seed=0,
+        created="2026-01-02T03:04:05+00:00",
+        code_version=code_version(),
+        volumes=entries,
+    )
     (out / RECORD).write_text(rec.model_dump_json())
     return out
 
@@ -202,7 +232,8 @@ def test_dicom_export_is_valid_deidentified_and_idempotent(passing_run, world, t
 
 KILLER = """
 import os, sys, pydicom
-from medgen.export import export_run
+from medgen.export.exporter import export_run
+from medgen.io.nifti import write_nifti
 count = {"n": 0}
 orig = pydicom.dataset.Dataset.save_as
 def save_as(self, *a, **k):
@@ -219,7 +250,12 @@ def test_a_killed_export_leaves_no_visible_partial_file(passing_run, tmp_path):
     run_dir, v = passing_run
     out = tmp_path / "dicom"
     n_slices = 16
-    p = subprocess.run([sys.executable, "-c", KILLER, str(run_dir), str(out), str(n_slices + 5)], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", KILLER, str(run_dir), str(out), str(n_slices + 5)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == -9, p.stderr
     visible = [q for q in out.iterdir() if not q.name.startswith(".")]
     # the first volume is complete (series + sidecar); the second was killed mid-series: invisible
@@ -256,7 +292,7 @@ def test_cli_validate_and_export(passing_run, world, tmp_path):
 
 
 def test_bad_runs_get_clear_typed_errors(passing_run, world, tmp_path):
-    from medgen.synthesis import RunError
+    from medgen.synthesis.runs import RunError
 
     empty = tmp_path / "not_a_run"
     empty.mkdir()

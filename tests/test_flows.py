@@ -41,10 +41,18 @@ def tiny(tmp_path_factory) -> Path:
     src = root / "src"
     for i in range(12):
         (src / f"sub-{i:02d}").mkdir(parents=True)
-        nib.save(nib.Nifti1Image(blobs(i), np.diag([4.0, 4.0, 4.0, 1.0])), src / f"sub-{i:02d}" / f"sub-{i:02d}_T1w.nii.gz")
+        nib.save(
+            nib.Nifti1Image(blobs(i), np.diag([4.0, 4.0, 4.0, 1.0])), src / f"sub-{i:02d}" / f"sub-{i:02d}_T1w.nii.gz"
+        )
     (src / "broken_T1w.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
     (root / "to_denoise").mkdir()
-    nib.save(nib.Nifti1Image(blobs(50) + np.random.default_rng(0).normal(0, 30, (20, 20, 20)).astype(np.float32), np.eye(4) * [2, 2, 2, 1]), root / "to_denoise" / "noisy_T1w.nii.gz")
+    nib.save(
+        nib.Nifti1Image(
+            blobs(50) + np.random.default_rng(0).normal(0, 30, (20, 20, 20)).astype(np.float32),
+            np.eye(4) * [2, 2, 2, 1],
+        ),
+        root / "to_denoise" / "noisy_T1w.nii.gz",
+    )
     cfg = json.loads(json.dumps(TINY))
     cfg["data"]["splits"] = ["train"]
     cfg.update(
@@ -85,7 +93,9 @@ def test_pipeline_runs_end_to_end(first_run, tiny):
     exported = {e["format"]: set(e["exported"]) for e in syn["exports"]}
     for fmt in ("nifti", "dicom"):
         folder = Path(tiny).parent / "run" / "export" / fmt
-        present = {p.name.split(".")[0] for p in folder.iterdir() if p.name != "export.json"} if folder.exists() else set()
+        present = (
+            {p.name.split(".")[0] for p in folder.iterdir() if p.name != "export.json"} if folder.exists() else set()
+        )
         assert not any(p.name.startswith(".") for p in folder.iterdir()) if folder.exists() else True
         assert present == exported.get(fmt, set()) == (set(v["passing"]) if v["passed"] else set())
         assert not present & set(v["failing"])
@@ -127,7 +137,7 @@ def test_touching_one_scan_reingests_exactly_that_scan(first_run, tiny):
 def test_training_resumes_from_a_checkpoint_not_from_scratch(first_run, tiny, tmp_path):
     from flows.train import train_flow
     from medgen.config import load_config
-    from medgen.train.autoencoder import train_autoencoder
+    from medgen.synthesis.train_autoencoder import train_autoencoder
 
     cfg = load_config(tiny)
     manifest = str(Path(cfg.ingest.out) / "manifest.csv")
@@ -154,7 +164,9 @@ def test_a_changed_section_retrains_what_depends_on_it_and_a_revert_retrains_bac
         return sorted(new_runs(before))
 
     def diffusion_steps_logged() -> int:
-        return len([1 for line in (run / "diffusion" / "metrics.jsonl").read_text().splitlines() if "loss/diffusion" in line])
+        return len(
+            [1 for line in (run / "diffusion" / "metrics.jsonl").read_text().splitlines() if "loss/diffusion" in line]
+        )
 
     assert train(6) == [("train autoencoder", "Completed"), ("train diffusion", "Completed")]
     assert train(8) == [("train autoencoder", "Cached"), ("train diffusion", "Completed")]
@@ -178,11 +190,13 @@ def test_dask_ingest_equals_default_runner(tiny, tmp_path, prefect_harness):
         return str(path)
 
     a = ingest_flow(config_for(tmp_path / "default"))
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
+    runner = DaskTaskRunner(
+        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    )
     b = ingest_flow.with_options(task_runner=runner)(config_for(tmp_path / "dask"))
 
     def rows(result: dict) -> list[dict]:
-        from medgen.manifest import read_rows
+        from medgen.io.manifest import read_rows
 
         return [{k: v for k, v in r.items() if k != "ingested_at"} for r in read_rows(result["manifest"])]
 
@@ -220,8 +234,14 @@ def test_synthesize_exports_exactly_what_passes(first_run, tiny, tmp_path):
     strict = result["synthesize"]["verdict"]
     assert strict["failing"]  # 6 training steps make noise, which the default gate refuses
     raw = yaml.safe_load(tiny.read_text())
-    raw["quality"]["gate"] = {"intensity_tolerance": 100.0, "foreground_tolerance": 100.0, "histogram_factor": 1e6,
-                              "radiomics_factor": None, "memorization_margin": 0.99, "feature_margin": 0.99}
+    raw["quality"]["gate"] = {
+        "intensity_tolerance": 100.0,
+        "foreground_tolerance": 100.0,
+        "histogram_factor": 1e6,
+        "radiomics_factor": None,
+        "memorization_margin": 0.99,
+        "feature_margin": 0.99,
+    }
     lenient = tmp_path / "lenient.yaml"
     lenient.write_text(yaml.safe_dump(raw))
     out = synthesize_flow(str(lenient), result["train"]["generator"], str(tmp_path / "synthetic"))
@@ -240,8 +260,12 @@ def test_training_launch_command_follows_the_torchrun_config():
     assert launch_command(TorchrunConfig(), args)[1:] == args  # one process: no elastic agent
     two = launch_command(TorchrunConfig(nproc_per_node=2), args)
     assert two[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"] and two[-4:] == args
-    nodes = launch_command(TorchrunConfig(nproc_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29400), args)
-    assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.5", "--master_port=29400"} <= set(nodes) and "--standalone" not in nodes
+    nodes = launch_command(
+        TorchrunConfig(nproc_per_node=8, nnodes=2, node_rank=1, master_addr="10.0.0.5", master_port=29400), args
+    )
+    assert {"--nnodes=2", "--node_rank=1", "--master_addr=10.0.0.5", "--master_port=29400"} <= set(
+        nodes
+    ) and "--standalone" not in nodes
 
 
 def test_generation_and_denoising_on_dask_equal_the_default_runner(first_run, tiny, tmp_path):
@@ -252,8 +276,12 @@ def test_generation_and_denoising_on_dask_equal_the_default_runner(first_run, ti
     from flows.synthesize import synthesize_flow
 
     result, _ = first_run
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None})
-    out = synthesize_flow.with_options(task_runner=runner)(str(tiny), result["train"]["generator"], str(tmp_path / "synthetic"))
+    runner = DaskTaskRunner(
+        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    )
+    out = synthesize_flow.with_options(task_runner=runner)(
+        str(tiny), result["train"]["generator"], str(tmp_path / "synthetic")
+    )
     ours = json.loads((Path(out["run"]) / "synthesis.json").read_text())["volumes"]
     theirs = json.loads((Path(result["synthesize"]["run"]) / "synthesis.json").read_text())["volumes"]
     assert [v["sha256"] for v in ours] == [v["sha256"] for v in theirs] and len(ours) == 3

@@ -11,12 +11,13 @@ import jsonschema
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import CT5N, make_volume
+
 from medgen import ingest, load_volume, read_manifest
 from medgen.errors import ManifestError
-from medgen.io.dicom_write import write_series
-from medgen.manifest import COLUMNS, assign_split, read_rows, schema, validate_rows
+from medgen.io.dicom.write import write_series
+from medgen.io.manifest import COLUMNS, assign_split, read_rows, validate_rows
+from medgen.io.schemas import load_schema
 
 IDENTIFIERS = {"PatientID": "MRN-4471-XYZ", "PatientName": "Doe^Jane^Q", "PatientBirthDate": "19561203"}
 
@@ -29,7 +30,10 @@ def tree(tmp_path) -> Path:
     write_series(make_volume(seed=3), src / "p2_ct", patient={"PatientID": "OTHER-77"})
     shutil.copytree(CT5N, src / "real_ct")
     (src / "sub-07").mkdir()
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((9, 10, 11), dtype=np.float32), np.eye(4)), src / "sub-07" / "anat.nii.gz")
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(0).random((9, 10, 11), dtype=np.float32), np.eye(4)),
+        src / "sub-07" / "anat.nii.gz",
+    )
     return src
 
 
@@ -41,14 +45,21 @@ def test_manifest_rows_validate_against_the_json_schema(tree, tmp_path):
     for r in rows:
         assert list(r) == list(COLUMNS)
         validator.validate(r)
-    assert schema() == json.loads(Path("data_schemas/manifest.schema.json").read_text())
+    assert load_schema("manifest") == json.loads(Path("data_schemas/manifest.schema.json").read_text())
     df = read_manifest(report.manifest_path)
     assert set(df.status) == {"accepted"} and len(df) == 5
 
 
 def test_writing_an_invalid_manifest_is_refused():
     row = {c: "" for c in COLUMNS}
-    row.update(scan_id="scan-0123456789abcdef", status="accepted", source="x", source_kind="dicom", n_files="1", ingested_at="2026-01-01T00:00:00+00:00")
+    row.update(
+        scan_id="scan-0123456789abcdef",
+        status="accepted",
+        source="x",
+        source_kind="dicom",
+        n_files="1",
+        ingested_at="2026-01-01T00:00:00+00:00",
+    )
     with pytest.raises(ManifestError, match="output_path"):
         validate_rows([row])
 
@@ -58,7 +69,7 @@ def test_reingest_of_an_unchanged_tree_reads_nothing(tree, tmp_path, monkeypatch
     assert first.converted == 5 and first.files_read > 0
     before = (tmp_path / "out" / "manifest.csv").read_text()
 
-    import medgen.ingestion as ing
+    import medgen.ingestion.run as ing
 
     def forbidden(*a, **k):
         raise AssertionError("an unchanged source was read again")
@@ -81,7 +92,9 @@ def test_a_changed_file_reingests_exactly_its_scan(tree, tmp_path):
     after = {r["source"]: r for r in report.rows}
     assert after[str(nifti)]["sha256"] != first[str(nifti)]["sha256"]
     assert after[str(nifti)]["scan_id"] == first[str(nifti)]["scan_id"]
-    assert {k: v["sha256"] for k, v in after.items() if k != str(nifti)} == {k: v["sha256"] for k, v in first.items() if k != str(nifti)}
+    assert {k: v["sha256"] for k, v in after.items() if k != str(nifti)} == {
+        k: v["sha256"] for k, v in first.items() if k != str(nifti)
+    }
 
 
 def test_touched_but_identical_file_is_rehashed_not_reconverted(tree, tmp_path):
@@ -99,7 +112,9 @@ def test_new_scans_are_picked_up_and_vanished_ones_removed(tree, tmp_path):
     shutil.rmtree(tree / "p2_ct")
     report = ingest(tree, out)
     assert report.converted == 1 and len(report.rows) == 5
-    assert sorted(p.name for p in (out / "volumes").iterdir()) == sorted(Path(r["output_path"]).name for r in report.rows)
+    assert sorted(p.name for p in (out / "volumes").iterdir()) == sorted(
+        Path(r["output_path"]).name for r in report.rows
+    )
 
 
 def test_a_scan_that_becomes_broken_loses_its_volume(tree, tmp_path):

@@ -17,12 +17,12 @@ import yaml
 
 from medgen import ingest, load_volume
 from medgen.config import ConfigError, PipelineConfig, load_config
+from medgen.datasets.preprocess import model_affine
 from medgen.models.bundle import BundleError, load_generator
-from medgen.preprocess import model_affine
-from medgen.sample import decode, generate
-from medgen.train.autoencoder import train_autoencoder
-from medgen.train.ldm import train_diffusion
-from medgen.train.loop import Dist, Part, Trainer, TrainingDivergedError
+from medgen.synthesis.sampler import decode, generate
+from medgen.synthesis.train_autoencoder import train_autoencoder
+from medgen.synthesis.train_diffusion import train_diffusion
+from medgen.training.loop import Dist, Part, Trainer, TrainingDivergedError
 
 torch.set_num_threads(1)
 
@@ -80,7 +80,9 @@ def manifest(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("ldm_src")
     for i in range(8):
         (src / f"sub-{i:02d}").mkdir()
-        nib.save(nib.Nifti1Image(blobs(i), np.diag([4.0, 4.0, 4.0, 1.0])), src / f"sub-{i:02d}" / f"sub-{i:02d}_T1w.nii.gz")
+        nib.save(
+            nib.Nifti1Image(blobs(i), np.diag([4.0, 4.0, 4.0, 1.0])), src / f"sub-{i:02d}" / f"sub-{i:02d}_T1w.nii.gz"
+        )
     out = src.parent / "ldm_ingest"
     report = ingest(src, out)
     assert len(report.accepted) == 8
@@ -122,7 +124,13 @@ def test_autoencoder_loss_falls_and_run_folder_has_logs(manifest, tmp_path):
 
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(manifest, tmp_path):
-    cfg = config(autoencoder__adv_weight=0.1, autoencoder__adv_start=2, autoencoder__disc_layers=1, autoencoder__train__ema_decay=0.9, autoencoder__train__steps=8)
+    cfg = config(
+        autoencoder__adv_weight=0.1,
+        autoencoder__adv_start=2,
+        autoencoder__disc_layers=1,
+        autoencoder__train__ema_decay=0.9,
+        autoencoder__train__steps=8,
+    )
     whole = train_autoencoder(cfg, manifest, tmp_path / "whole", device="cpu")
     train_autoencoder(cfg, manifest, tmp_path / "resumed", device="cpu", stop_after=5)
     assert not (tmp_path / "resumed" / "autoencoder" / "stage.json").exists()
@@ -239,7 +247,7 @@ def test_generated_volumes_have_the_models_geometry_and_units(trained):
 
 
 def test_ct_window_maps_back_to_hounsfield_units():
-    from medgen.preprocess import IntensityMap
+    from medgen.datasets.preprocess import IntensityMap
 
     m = IntensityMap("ct_window", -1000.0, 1000.0, 0.0, 1.0)
     hu = np.array([-1000.0, 0.0, 40.0, 1000.0])
@@ -258,7 +266,7 @@ def test_sliding_window_decoding_matches_whole_decoding(trained):
 
 
 def test_preprocessing_cache_is_keyed_by_content_and_transform(manifest, tmp_path):
-    from medgen.data import manifest_items, prepare
+    from medgen.datasets.prepared import manifest_items, prepare
 
     cfg = config().data
     items = manifest_items(manifest, cfg)
@@ -278,8 +286,25 @@ def test_torchrun_two_ranks_hold_equal_weights(manifest, tmp_path):
     cfg.write_text(yaml.safe_dump(json.loads(json.dumps(TINY))))
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "medgen", "train", "autoencoder",
-           "--config", str(cfg), "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    cmd = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "medgen",
+        "train",
+        "autoencoder",
+        "--config",
+        str(cfg),
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "run" / "autoencoder"
@@ -297,9 +322,14 @@ def test_cli_trains_and_generates(manifest, tmp_path):
     cfg.write_text(yaml.safe_dump(json.loads(json.dumps(TINY))))
     runner = CliRunner(env={"COLUMNS": "200"})
     for stage in ("autoencoder", "diffusion"):
-        r = runner.invoke(app, ["train", stage, "-c", str(cfg), "-m", str(manifest), "-o", str(tmp_path / "run"), "--device", "cpu"])
+        r = runner.invoke(
+            app, ["train", stage, "-c", str(cfg), "-m", str(manifest), "-o", str(tmp_path / "run"), "--device", "cpu"]
+        )
         assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["generate", str(tmp_path / "run" / "generator"), "--n", "2", "--out", str(tmp_path / "syn"), "--steps", "3"])
+    r = runner.invoke(
+        app,
+        ["generate", str(tmp_path / "run" / "generator"), "--n", "2", "--out", str(tmp_path / "syn"), "--steps", "3"],
+    )
     assert r.exit_code == 0, r.output
     vols = [load_volume(p) for p in sorted((tmp_path / "syn" / "volumes").glob("*.nii.gz"))]
     assert len(vols) == 2 and vols[0].shape == (16, 16, 16)
@@ -308,7 +338,7 @@ def test_cli_trains_and_generates(manifest, tmp_path):
 
 
 def test_preprocessing_with_spawned_workers_matches_serial(manifest, tmp_path):
-    from medgen.data import manifest_items, prepare
+    from medgen.datasets.prepared import manifest_items, prepare
 
     cfg = config().data
     items = manifest_items(manifest, cfg)

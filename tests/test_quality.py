@@ -7,31 +7,38 @@ and build a 'synthetic' run from held-out real volumes, which an honest gate mus
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from medgen.config import DataConfig, GateConfig, IntensityConfig
-from medgen.data import prepare
-from medgen.metrics import fidelity
-from medgen.metrics.features import EncoderSettings, train_encoder
-from medgen.metrics.gate import assess, build_reference, realism
-from medgen.metrics.image import ms_ssim, ms_ssim_params, paired_metrics
+from medgen.datasets.prepared import prepare
+from medgen.io.nifti import write_nifti
+from medgen.quality.gate import assess, build_reference, realism
+from medgen.quality.metrics import fidelity
+from medgen.quality.metrics.features import EncoderSettings, train_encoder
+from medgen.quality.metrics.image import ms_ssim, ms_ssim_params, paired_metrics
 
 torch.set_num_threads(1)
 
-DATA = DataConfig(modality="MR", spacing=(8.0, 8.0, 8.0), size=(24, 28, 24), intensity=IntensityConfig(kind="percentile", lower=0.0, upper=99.5))
+DATA = DataConfig(
+    modality="MR",
+    spacing=(8.0, 8.0, 8.0),
+    size=(24, 28, 24),
+    intensity=IntensityConfig(kind="percentile", lower=0.0, upper=99.5),
+)
 
 
 @pytest.fixture(scope="module")
 def population(tmp_path_factory):
-    from medgen.sample_data import template_population
+    from medgen.demo_data import template_population
 
     tmp = tmp_path_factory.mktemp("pop")
     items = []
     for i, v in enumerate(template_population(22, seed=3, spacing=4.0)):
-        items.append({"image": str(v.to_nifti(tmp / f"sub-{i:02d}.nii.gz")), "sha256": str(i), "scan_id": f"sub-{i:02d}"})
+        items.append(
+            {"image": str(write_nifti(v, tmp / f"sub-{i:02d}.nii.gz")), "sha256": str(i), "scan_id": f"sub-{i:02d}"}
+        )
     vols = prepare(items, DATA, tmp / "cache").images[:, 0].numpy()
     enc = train_encoder(vols[:14], tmp / "encoder", EncoderSettings(steps=60))
     return {"train": vols[:14], "cal": vols[14:18], "eval": vols[18:], "encoder": enc}
@@ -40,7 +47,9 @@ def population(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(population):
     p = population
-    return build_reference(p["train"], p["cal"], [f"train-{i}" for i in range(len(p["train"]))], p["encoder"], GateConfig())
+    return build_reference(
+        p["train"], p["cal"], [f"train-{i}" for i in range(len(p["train"]))], p["encoder"], GateConfig()
+    )
 
 
 def test_paired_metrics_and_ms_ssim_sizing():
@@ -49,7 +58,9 @@ def test_paired_metrics_and_ms_ssim_sizing():
         p = ms_ssim_params(shape)
         assert abs(sum(p.weights) - 1) < 1e-9 and min(shape) // 2 ** (len(p.weights) - 1) >= p.kernel_size
     m_small = paired_metrics(x + 0.01, x)
-    m_big = paired_metrics(x + np.float32(0.1) * np.random.default_rng(1).standard_normal(x.shape).astype(np.float32), x)
+    m_big = paired_metrics(
+        x + np.float32(0.1) * np.random.default_rng(1).standard_normal(x.shape).astype(np.float32), x
+    )
     assert m_small["psnr"] > m_big["psnr"] + 10 and m_small["mae"] < m_big["mae"]
     assert ms_ssim(x, x) == pytest.approx(1.0, abs=1e-5) and m_big["ms_ssim"] < m_small["ms_ssim"]
 
@@ -76,7 +87,10 @@ def test_gate_passes_heldout_real_and_fails_copies_and_broken_volumes(population
     train, held = population["train"], population["eval"]
     rng = np.random.default_rng(0)
     cases = {
-        "heldout-0": held[0], "heldout-1": held[1], "heldout-2": held[2], "heldout-3": held[3],
+        "heldout-0": held[0],
+        "heldout-1": held[1],
+        "heldout-2": held[2],
+        "heldout-3": held[3],
         "copy": train[3].copy(),
         "noised-copy": train[5] + rng.normal(0, 0.01, train[5].shape).astype(np.float32),
         "nan": np.where(held[0] > 0.5, np.nan, held[0]).astype(np.float32),

@@ -9,8 +9,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from medgen.cli import app
-from medgen.manifest import read_rows
-from medgen.sample_data import MARKER, build_sample_data
+from medgen.demo_data import MARKER, build_sample_data
+from medgen.io.manifest import read_rows
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that rich does not fold messages
 
@@ -56,7 +56,17 @@ def test_cli_ingest_of_the_sample_data(sample_dir, tmp_path):
 
 
 def test_cli_frames_split_accepts_the_4d_epi(sample_dir, tmp_path):
-    result = runner.invoke(app, ["ingest", str(sample_dir / "nifti" / "nibabel_example4d_bold.nii.gz"), "--out", str(tmp_path / "o"), "--frames", "split"])
+    result = runner.invoke(
+        app,
+        [
+            "ingest",
+            str(sample_dir / "nifti" / "nibabel_example4d_bold.nii.gz"),
+            "--out",
+            str(tmp_path / "o"),
+            "--frames",
+            "split",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert [r["status"] for r in read_rows(tmp_path / "o" / "manifest.csv")] == ["accepted", "accepted"]
 
@@ -67,6 +77,9 @@ def test_cli_rejects_a_missing_source_with_a_clear_message(tmp_path):
 
 
 def test_cli_help_does_not_import_heavy_libraries():
-    code = "import sys; from medgen.cli import app; import medgen; print(sorted(m for m in ('torch', 'monai', 'SimpleITK', 'pydicom', 'nibabel', 'numpy') if m in sys.modules))"
+    heavy = "('torch', 'monai', 'SimpleITK', 'pydicom', 'nibabel', 'numpy')"
+    code = (
+        f"import sys; from medgen.cli import app; import medgen; print(sorted(m for m in {heavy} if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-
 from conftest import make_volume, oblique_affine
+
 from medgen import load_volume
 from medgen.errors import (
     EmptyFileError,
@@ -17,13 +17,13 @@ from medgen.errors import (
     ShearedAffineError,
     UnreadableFileError,
 )
-from medgen.io.nifti import QformSformMismatchWarning, read_nifti
+from medgen.io.nifti import QformSformMismatchWarning, read_nifti, write_nifti
 from medgen.volume import Volume
 
 
 def test_nifti_round_trip_keeps_affine_and_data(tmp_path):
     vol = make_volume(modality="MR", affine=oblique_affine(origin=(-120.3, 87.1, 55.9)))
-    path = vol.to_nifti(tmp_path / "v.nii.gz")
+    path = write_nifti(vol, tmp_path / "v.nii.gz")
     back = load_volume(path)
     np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)
     assert back.data.dtype == np.float32
@@ -31,7 +31,7 @@ def test_nifti_round_trip_keeps_affine_and_data(tmp_path):
 
 
 def test_written_qform_equals_sform(tmp_path):
-    path = make_volume(affine=oblique_affine()).to_nifti(tmp_path / "v.nii")
+    path = write_nifti(make_volume(affine=oblique_affine()), tmp_path / "v.nii")
     hdr = nib.load(path).header
     q, qcode = hdr.get_qform(coded=True)
     s, scode = hdr.get_sform(coded=True)
@@ -41,12 +41,16 @@ def test_written_qform_equals_sform(tmp_path):
 
 
 def test_write_is_atomic_and_leaves_no_temp(tmp_path):
-    make_volume().to_nifti(tmp_path / "v.nii.gz")
+    write_nifti(make_volume(), tmp_path / "v.nii.gz")
     assert [p.name for p in tmp_path.iterdir()] == ["v.nii.gz"]
 
 
 def test_canonical_reorientation_keeps_world_positions():
-    flip = np.diag([-1.0, 1.0, -1.0, 1.0]) @ np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]) @ np.diag([0.7, 1.1, 2.0, 1])
+    flip = (
+        np.diag([-1.0, 1.0, -1.0, 1.0])
+        @ np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+        @ np.diag([0.7, 1.1, 2.0, 1])
+    )
     vol = make_volume(shape=(10, 12, 6), affine=flip)
     canon = vol.as_closest_canonical()
     assert canon.orientation == "RAS" and vol.orientation != "RAS"

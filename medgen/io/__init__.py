@@ -1,1 +1,2 @@
-"""Reading and writing scans: DICOM (medgen.io.dicom) and NIfTI (medgen.io.nifti)."""
+"""Reading and writing files: NIfTI (nifti), DICOM (dicom/), which files are volumes (discover),
+one scan to a Volume (load), the manifest (manifest), JSON schemas (schemas), atomic writes (atomic)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,3 +41,21 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def staging_dir(final: str | Path) -> Path:
+    """A hidden sibling folder name to build `final` in before `replace_dir` swaps it in."""
+    final = Path(final)
+    return final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Swap the finished folder `tmp` into place as `final` (a model folder, an exported series): a
+    reader sees the old folder or the new one, never half of either."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}{TMP_MARK}old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -98,7 +98,9 @@ def check_orthogonal(affine: np.ndarray, path: str | Path) -> None:
     gram = cols.T @ cols
     off = np.abs(gram - np.eye(3)).max()
     if off > 1e-4:
-        raise ShearedAffineError(path, f"affine is sheared (axes {np.degrees(np.arccos(np.clip(1 - off, -1, 1))):.2f} deg off orthogonal)")
+        raise ShearedAffineError(
+            path, f"affine is sheared (axes {np.degrees(np.arccos(np.clip(1 - off, -1, 1))):.2f} deg off orthogonal)"
+        )
 
 
 def check_values(data: np.ndarray, path: str | Path) -> None:
@@ -123,7 +125,7 @@ def read_nifti(path: str | Path, *, frames: FrameMode = "error") -> list[Volume]
         if path.stat().st_size == 0:
             raise EmptyFileError(path, "file is empty (0 bytes)")
         img = nib.load(str(path))
-    except (EmptyFileError,):
+    except EmptyFileError:
         raise
     except FileNotFoundError as e:
         raise UnreadableFileError(path, f"cannot open: {e.strerror or e}") from e
@@ -144,7 +146,8 @@ def read_nifti(path: str | Path, *, frames: FrameMode = "error") -> list[Volume]
         raise UnsupportedImageError(path, f"image of shape {img.shape} has more than 4 dimensions")
     if len(shape) == 4 and frames == "error":
         raise FourDimensionalError(
-            path, f"4D image with {shape[3]} frames (shape {img.shape}); ingest with frames='split' for one volume per frame"
+            path,
+            f"4D image with {shape[3]} frames (shape {img.shape}); ingest with frames='split' for one volume per frame",
         )
 
     affine, notes = _choose_affine(img, path)

@@ -20,9 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from medgen.config import AutoencoderConfig, DataConfig, DiffusionConfig
+from medgen.config import (
+    AutoencoderConfig,
+    AutoencoderNetworkConfig,
+    DataConfig,
+    DiffusionConfig,
+    DiffusionNetworkConfig,
+)
+from medgen.datasets.preprocess import IntensityMap, model_affine
 from medgen.models.folder import BundleError, read_model_folder, write_model_folder  # noqa: F401 (BundleError re-exported)
-from medgen.preprocess import IntensityMap, model_affine
 
 FORMAT = "medgen-generator"
 FORMAT_VERSION = 1
@@ -34,8 +40,8 @@ class Generator:
     autoencoder: nn.Module
     unet: nn.Module
     scale_factor: float
-    autoencoder_cfg: AutoencoderConfig
-    diffusion_cfg: DiffusionConfig
+    autoencoder_cfg: AutoencoderNetworkConfig
+    diffusion_cfg: DiffusionNetworkConfig
     data_cfg: DataConfig
     intensity: IntensityMap
     modality: str
@@ -101,9 +107,8 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Gene
 
     path = Path(path)
     meta, states = read_model_folder(path, FORMAT, FORMAT_VERSION)
-    train_stub = {"train": {"steps": 1}}
-    acfg = AutoencoderConfig.model_validate({**meta["autoencoder"], **train_stub})
-    dcfg = DiffusionConfig.model_validate({**meta["diffusion"], **train_stub})
+    acfg = AutoencoderNetworkConfig.from_metadata(meta["autoencoder"])
+    dcfg = DiffusionNetworkConfig.model_validate(meta["diffusion"])
     data_cfg = DataConfig.model_validate(meta["preprocessing"]["data"])
     ae, unet = build_autoencoder(acfg), build_unet(dcfg, acfg.latent_channels)
     ae.load_state_dict(states["autoencoder"])

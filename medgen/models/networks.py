@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medgen.config import AutoencoderConfig, DenoiserConfig, DiffusionConfig
+from medgen.config import AutoencoderConfig, AutoencoderNetworkConfig, DiffusionNetworkConfig, ScoreNetworkConfig
 
 
-def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
+def build_autoencoder(cfg: AutoencoderNetworkConfig) -> nn.Module:
     from monai.networks.nets import AutoencoderKL
 
     return AutoencoderKL(
@@ -28,11 +28,13 @@ def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
 def build_discriminator(cfg: AutoencoderConfig) -> nn.Module:
     from monai.networks.nets import PatchDiscriminator
 
-    return PatchDiscriminator(spatial_dims=3, num_layers_d=cfg.disc_layers, channels=cfg.disc_channels, in_channels=1, out_channels=1)
+    return PatchDiscriminator(
+        spatial_dims=3, num_layers_d=cfg.disc_layers, channels=cfg.disc_channels, in_channels=1, out_channels=1
+    )
 
 
-def build_unet(cfg: DiffusionConfig | DenoiserConfig, in_channels: int) -> nn.Module:
-    """The diffusion UNet on `in_channels` latent channels, or (DenoiserConfig, 1) the image-space score model."""
+def build_unet(cfg: DiffusionNetworkConfig | ScoreNetworkConfig, in_channels: int) -> nn.Module:
+    """The diffusion UNet on `in_channels` latent channels, or (ScoreNetworkConfig, 1) the image-space score model."""
     from monai.networks.nets import DiffusionModelUNet
 
     return DiffusionModelUNet(
@@ -49,7 +51,7 @@ def build_unet(cfg: DiffusionConfig | DenoiserConfig, in_channels: int) -> nn.Mo
     )
 
 
-def build_scheduler(cfg: DiffusionConfig, sampler: str | None = None):
+def build_scheduler(cfg: DiffusionNetworkConfig, sampler: str | None = None):
     """The scheduler for training (sampler None) or for sampling with `sampler`.
 
     ddpm and ddim share a noise process (a model trained with one samples with either); rflow is
@@ -84,6 +86,5 @@ class KLAutoencoderStep(nn.Module):
         return self.autoencoder.decode(mu + sigma * eps), mu, sigma
 
 
-def latent_shape(cfg: AutoencoderConfig, size: tuple[int, int, int]) -> tuple[int, int, int, int]:
+def latent_shape(cfg: AutoencoderNetworkConfig, size: tuple[int, int, int]) -> tuple[int, int, int, int]:
     return (cfg.latent_channels, *(n // cfg.downsample for n in size))
-

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medgen.config import DenoiserConfig
+from medgen.config import ScoreNetworkConfig
 from medgen.models.folder import read_model_folder, write_model_folder
 
 FORMAT = "medgen-score-model"
@@ -27,7 +27,7 @@ FORMAT_VERSION = 1
 DEFAULT_MODEL = "denoiser_default"
 
 
-def build_score_unet(cfg: DenoiserConfig) -> nn.Module:
+def build_score_unet(cfg: ScoreNetworkConfig) -> nn.Module:
     from medgen.models.networks import build_unet
 
     return build_unet(cfg, 1)
@@ -36,10 +36,12 @@ def build_score_unet(cfg: DenoiserConfig) -> nn.Module:
 class NoiseSchedule:
     """abar(t) of the configured DDPM betas, interpolated to continuous t."""
 
-    def __init__(self, cfg: DenoiserConfig):
+    def __init__(self, cfg: ScoreNetworkConfig):
         from monai.networks.schedulers import DDPMScheduler
 
-        sched = DDPMScheduler(cfg.num_train_timesteps, schedule=cfg.beta_schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+        sched = DDPMScheduler(
+            cfg.num_train_timesteps, schedule=cfg.beta_schedule, beta_start=cfg.beta_start, beta_end=cfg.beta_end
+        )
         self.abar = sched.alphas_cumprod.double().numpy()
         self.ratio = np.sqrt((1 - self.abar) / self.abar)  # noise-to-signal ratio at each integer t
         self.t = np.arange(len(self.abar), dtype=np.float64)
@@ -68,7 +70,7 @@ class NoiseSchedule:
 class ScoreModel:
     path: Path | None
     unet: nn.Module
-    cfg: DenoiserConfig
+    cfg: ScoreNetworkConfig
     schedule: NoiseSchedule
     metadata: dict[str, Any]
 
@@ -77,7 +79,9 @@ class ScoreModel:
         return 2 ** (len(self.cfg.channels) - 1)
 
 
-def save_score_model(path: str | Path, cfg: DenoiserConfig, state: dict[str, torch.Tensor], provenance: dict[str, Any]) -> Path:
+def save_score_model(
+    path: str | Path, cfg: ScoreNetworkConfig, state: dict[str, torch.Tensor], provenance: dict[str, Any]
+) -> Path:
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -96,7 +100,7 @@ def load_score_model(path: str | Path | None = None, device: str | torch.device 
     """Load a score-model folder (the shipped default when `path` is None), checking file hashes."""
     path = Path(path) if path is not None else default_model_path()
     meta, states = read_model_folder(path, FORMAT, FORMAT_VERSION)
-    cfg = DenoiserConfig.model_validate({**meta["denoiser"], "train": {"steps": 1}})
+    cfg = ScoreNetworkConfig.model_validate(meta["denoiser"])
     unet = build_score_unet(cfg)
     unet.load_state_dict(states["score"])
     return ScoreModel(path, unet.to(device).eval(), cfg, NoiseSchedule(cfg), meta)

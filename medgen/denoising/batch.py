@@ -1,0 +1,151 @@
+"""Denoising many scans: find them (files, DICOM folders, manifests), denoise one into files.
+
+The denoise flow fans `denoise_scan` out as one task per scan; `medgen denoise` uses
+`write_denoised` for its single scan. Outputs: NIfTI for NIfTI input; for DICOM input a new DICOM
+series of the same patient and study (new series UID, ImageType DERIVED\\SECONDARY) beside a NIfTI
+copy, so pipelines that only read NIfTI can still use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from medgen.errors import InputError
+from medgen.io.nifti import write_nifti
+from medgen.volume import Volume
+
+
+@dataclass(frozen=True)
+class ScanRef:
+    """One scan to denoise: a NIfTI file, or one DICOM series (folder + SeriesInstanceUID)."""
+
+    path: str
+    name: str  # output stem, unique within a batch
+    files: tuple[str, ...]
+    series: str | None = None
+
+    def content_sha256(self) -> str:
+        from medgen.provenance import sha256_file
+
+        return hashlib.sha256("\n".join(sorted(sha256_file(f) for f in self.files)).encode()).hexdigest()
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".dcm"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "scan"
+
+
+def find_scans(sources: list[str | Path]) -> list[ScanRef]:
+    """NIfTI files and DICOM series under `sources`; a manifest.csv stands for its accepted volumes."""
+    from medgen.io.discover import discover
+    from medgen.io.manifest import read_rows
+
+    refs: list[ScanRef] = []
+    for src in map(Path, sources):
+        if src.name == "manifest.csv":
+            for r in read_rows(src):
+                if r["status"] == "accepted":
+                    f = src.parent / r["output_path"]
+                    refs.append(ScanRef(str(f), _stem(f), (str(f),)))
+            continue
+        found = discover([src])
+        refs += [ScanRef(str(f), _stem(f), (str(f),)) for f in found.nifti]
+        for s in found.series:
+            folder = Path(s.paths[0]).parent
+            refs.append(ScanRef(str(folder), _stem(folder), tuple(s.paths), series=s.series_uid))
+    names: dict[str, int] = {}
+    unique = []
+    for r in refs:  # two series in one folder, or same-named files in two folders
+        n = names.get(r.name, 0)
+        names[r.name] = n + 1
+        unique.append(r if n == 0 else ScanRef(r.path, f"{r.name}-{n + 1}", r.files, r.series))
+    return unique
+
+
+def write_denoised(
+    source: Volume, denoised: Volume, std: Volume | None, *, nifti: Path | None, dicom: Path | None
+) -> list[Path]:
+    """Write the NIfTI (and its uncertainty map `_std`) at `nifti`, and, when the source was DICOM,
+    a new DERIVED series of the same patient and study into the folder `dicom`."""
+    written = []
+    if nifti is not None:
+        written.append(write_nifti(denoised, nifti))
+        if std is not None:
+            written.append(write_nifti(std, nifti.with_name(nifti.name.replace(".nii", "_std.nii"))))
+    src = source.meta.source
+    if dicom is not None and src is not None and src.kind == "dicom":
+        from medgen.io.dicom.write import SOP_CLASS, write_series
+
+        if source.meta.modality not in SOP_CLASS:
+            # a derived series keeps the source's modality; we write CT and MR image storage only
+            raise InputError(
+                src.path,
+                f"a derived DICOM series is written for CT and MR only, this scan is {source.meta.modality or 'of no modality'}: write NIfTI",
+            )
+
+        ids = src.identifiers
+        # A denoised scan is the same patient's scan: it keeps the patient and study, gets a new series.
+        write_series(
+            denoised,
+            dicom,
+            modality=source.meta.modality,
+            patient={k: ids[k] for k in ("PatientName", "PatientID", "PatientBirthDate") if ids.get(k)},
+            study_uid=ids.get("StudyInstanceUID") or None,
+            series_description="medgen denoised",
+            image_type=("DERIVED", "SECONDARY"),
+        )
+        written.append(dicom)
+    return written
+
+
+def denoise_scan(
+    ref: ScanRef,
+    out_dir: str | Path,
+    *,
+    model: str | Path | None = None,
+    sigma: float | None = None,
+    noise: str = "gaussian",
+    method: str = "tweedie",
+    n_samples: int = 4,
+    seed: int = 0,
+    device: str | None = None,
+    precision: str = "auto",
+) -> dict:
+    """Denoise one scan into OUT_DIR/<name>_denoised.nii.gz (+ DICOM for DICOM input); a small record back."""
+    from medgen.denoising.denoiser import denoise_detailed
+    from medgen.io.load import load_volume
+
+    vol = load_volume(ref.path, series=ref.series)
+    r = denoise_detailed(
+        vol,
+        model=model,
+        sigma=sigma,
+        noise=noise,
+        method=method,
+        n_samples=n_samples,
+        seed=seed,
+        device=device,
+        precision=precision,
+    )  # type: ignore[arg-type]
+    from medgen.io.dicom.write import SOP_CLASS
+
+    out = Path(out_dir) / f"{ref.name}_denoised.nii.gz"
+    notes = list(r.notes)
+    dicom: Path | None = Path(out_dir) / f"{ref.name}_denoised_dicom"
+    if vol.meta.modality not in SOP_CLASS and vol.meta.source is not None and vol.meta.source.kind == "dicom":
+        dicom = None
+        notes.append(f"no derived DICOM series: written for CT and MR only, this scan is {vol.meta.modality}")
+    written = write_denoised(vol, r.volume, r.std, nifti=out, dicom=dicom)
+    return {
+        "scan": ref.name,
+        "outputs": [str(p) for p in written],
+        "sigma": float(r.sigma),
+        "sigma_estimated": bool(r.sigma_estimated),
+        "notes": notes,
+    }

@@ -1,0 +1,308 @@
+"""Score-based denoising: `medgen.denoise(scan)`.
+
+For a scan y = x + sigma n (intensities scaled so the 99.5th percentile is 1), Tweedie's formula
+gives the MMSE estimate E[x | y] = y - sigma * eps_hat, where eps_hat is the score model's noise
+prediction at the diffusion time whose noise-to-signal ratio is sigma (input scaled into x_t by
+sqrt(abar)). 'posterior' instead runs the reverse diffusion from that time, n_samples times; their
+mean is the estimate and their voxel-wise standard deviation an uncertainty map.
+
+sigma, when not given, is estimated from the scan: for Gaussian noise, the median absolute value
+of the finest 3D Haar wavelet detail (HHH) / 0.6745 (Donoho's MAD rule); for Rician magnitude
+noise, from the background, where the signal is zero and the magnitude is Rayleigh distributed
+(E[y^2] = 2 sigma^2), with the background found iteratively as y < 3 sigma. Rician bias is then
+removed from the estimate: x = sqrt(max(E^2 - sigma^2, 0)).
+
+Volumes of any size go through sliding windows (Gaussian blending, batched windows), so memory is
+bounded by the window, not the volume.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from medgen.denoising.normalise import normalise
+from medgen.errors import DenoiseError, FourDimensionalError, NotAVolumeError
+from medgen.io.nifti import check_values
+from medgen.models.precision import PRECISIONS, Precision, autocast_dtype
+from medgen.models.score import ScoreModel, load_score_model
+from medgen.volume import Volume, VolumeMeta
+
+Noise = Literal["gaussian", "rician"]
+Method = Literal["tweedie", "posterior"]
+WINDOW = 64  # voxels per window side: the mid-block attention of a 64^3 window is 16^3 tokens
+
+
+class SigmaOutOfRangeWarning(UserWarning):
+    """The scan's noise level lies outside the levels the score model was trained on."""
+
+
+@dataclass
+class DenoiseResult:
+    volume: Volume  # the estimate (Tweedie, or the posterior mean), in the input's units and geometry
+    std: Volume | None  # voxel-wise posterior standard deviation (method='posterior'), same units
+    samples: list[Volume]  # posterior samples (method='posterior')
+    sigma: float  # noise level used, in the input's units
+    sigma_estimated: bool
+    notes: tuple[str, ...] = ()  # e.g. a sigma outside the model's trained range (also warned)
+
+
+# --------------------------------------------------------------------------- noise estimation
+
+
+def _haar_hhh(y: np.ndarray) -> np.ndarray:
+    """Finest diagonal (HHH) coefficients of a 3D Haar transform: pure noise where the signal is
+    locally linear. Hand-written (eight slices) rather than pulling in PyWavelets for one band."""
+    y = y[: y.shape[0] // 2 * 2, : y.shape[1] // 2 * 2, : y.shape[2] // 2 * 2].astype(np.float64)
+    d = y[0::2] - y[1::2]
+    d = d[:, 0::2] - d[:, 1::2]
+    d = d[:, :, 0::2] - d[:, :, 1::2]
+    return d / math.sqrt(8.0)
+
+
+def estimate_sigma(data: np.ndarray, noise: Noise = "gaussian") -> float:
+    """Noise standard deviation of a 3D array, in its own units (see the module docstring)."""
+    mad = float(np.median(np.abs(_haar_hhh(data)))) / 0.6745
+    if noise == "gaussian":
+        return mad
+    # Rayleigh background: MAD underestimates there (its differences spread ~0.66 sigma), so refine
+    # on voxels below 3 sigma. Without a real background that set creeps into tissue and the
+    # estimate grows without bound: then (and when the background is tiny) keep the MAD value.
+    sigma = mad
+    for _ in range(5):
+        bg = data[data < 3 * sigma]
+        if bg.size < 0.05 * data.size:
+            return mad
+        sigma = float(np.sqrt(np.mean(bg.astype(np.float64) ** 2) / 2.0))
+    return sigma if sigma < 1.6 * mad else mad
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def _as_volume(scan: str | Path | Volume | np.ndarray, spacing: tuple[float, float, float] | None) -> Volume:
+    from medgen.io.load import load_volume
+
+    if isinstance(scan, Volume):
+        return scan
+    if isinstance(scan, (str, Path)):
+        return load_volume(scan)
+    arr = np.asarray(scan)
+    where = f"array of shape {arr.shape}"
+    if arr.ndim == 4:
+        raise FourDimensionalError(where, "4D input; denoise one 3D volume at a time")
+    if arr.ndim != 3 or min(arr.shape) <= 1:
+        raise NotAVolumeError(where, "not a 3D volume")
+    sp = spacing or (1.0, 1.0, 1.0)
+    return Volume(arr.astype(np.float32), np.diag([*sp, 1.0]), VolumeMeta())
+
+
+class _Net:
+    """eps_hat(x_t, t) over a whole volume: one window when it fits, else sliding windows."""
+
+    def __init__(
+        self, model: ScoreModel, device: torch.device, window: int, sw_batch: int, dtype: torch.dtype | None = None
+    ):
+        self.model, self.device, self.window, self.sw_batch, self.dtype = model, device, window, sw_batch, dtype
+
+    @torch.no_grad()
+    def eps(self, xt: torch.Tensor, t: float) -> torch.Tensor:
+        down = self.model.downsample
+        shape = xt.shape[2:]
+
+        def predict(patch: torch.Tensor) -> torch.Tensor:
+            tt = torch.full((patch.shape[0],), float(t), device=patch.device)
+            with torch.autocast(patch.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                return self.model.unet(patch, timesteps=tt).float()
+
+        if max(shape) <= self.window:
+            padded = [int(math.ceil(n / down) * down) for n in shape]
+            pads = []
+            for n, p in zip(reversed(shape), reversed(padded)):
+                pads += [0, p - n]
+            x = torch.nn.functional.pad(xt, pads, mode="replicate") if any(pads) else xt
+            return predict(x)[..., : shape[0], : shape[1], : shape[2]]
+        from monai.inferers import sliding_window_inference
+
+        return sliding_window_inference(
+            xt,
+            roi_size=(self.window,) * 3,
+            sw_batch_size=self.sw_batch,
+            predictor=predict,
+            overlap=0.25,
+            mode="gaussian",
+            padding_mode="replicate",
+        )
+
+
+def _tweedie(net: _Net, y: torch.Tensor, sigma: float, sched) -> torch.Tensor:
+    t = float(sched.time_of(sigma))
+    abar = float(sched.abar_of(t))
+    xt = math.sqrt(abar) * y
+    eps = net.eps(xt, t)
+    return (xt - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+
+
+def _posterior(net: _Net, y: torch.Tensor, sigma: float, sched, gen: torch.Generator, max_steps: int) -> torch.Tensor:
+    """Ancestral DDPM sampling from the continuous time t(sigma) down to 0.
+
+    MONAI's DDPMScheduler.step works on integer timesteps; the start time here is continuous (it
+    matches sigma exactly), so the update is written out for an arbitrary pair of abar values.
+    """
+    t0 = float(sched.time_of(sigma))
+    times = [t0] + [float(t) for t in np.arange(math.floor(t0), -1, -1) if t < t0]
+    if len(times) > max_steps:
+        times = list(np.linspace(t0, 0.0, max_steps))
+    abar_t = float(sched.abar_of(times[0]))
+    x = math.sqrt(abar_t) * y
+    x0 = y
+    for i, t in enumerate(times):
+        abar_t = float(sched.abar_of(t))
+        eps = net.eps(x, t)
+        x0 = (x - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+        if i == len(times) - 1:
+            break
+        abar_s = float(sched.abar_of(times[i + 1]))
+        alpha = abar_t / abar_s
+        beta = 1 - alpha
+        mean = math.sqrt(abar_s) * beta / (1 - abar_t) * x0 + math.sqrt(alpha) * (1 - abar_s) / (1 - abar_t) * x
+        var = beta * (1 - abar_s) / (1 - abar_t)
+        x = mean + math.sqrt(max(var, 0.0)) * torch.randn(x.shape, generator=gen, device=x.device)
+    return x0
+
+
+def denoise_detailed(
+    scan: str | Path | Volume | np.ndarray,
+    *,
+    model: str | Path | ScoreModel | None = None,
+    sigma: float | None = None,
+    noise: Noise = "gaussian",
+    method: Method = "tweedie",
+    n_samples: int = 1,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    spacing: tuple[float, float, float] | None = None,
+    window: int = WINDOW,
+    sw_batch_size: int = 4,
+    max_steps: int = 64,
+    precision: Precision = "auto",
+) -> DenoiseResult:
+    """`denoise` with everything it computed: the estimate, the uncertainty map and samples
+    (posterior), and the sigma used.
+
+    precision means what it means in training (medgen.models.precision): 'auto' is bf16 on a CUDA
+    card and fp32 on a CPU; ask for 'bf16' on a CPU with native bf16 to run 1.9x faster (PSNR
+    within 0.04 dB of fp32 in benchmarks/denoise.py)."""
+    if precision not in PRECISIONS:
+        raise DenoiseError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if noise not in ("gaussian", "rician"):
+        raise DenoiseError(f"noise must be 'gaussian' or 'rician', not {noise!r}")
+    if method not in ("tweedie", "posterior"):
+        raise DenoiseError(f"method must be 'tweedie' or 'posterior', not {method!r}")
+    if n_samples < 1:
+        raise DenoiseError(f"n_samples must be >= 1, got {n_samples}")
+    if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
+        raise DenoiseError(f"sigma must be a positive number, got {sigma}")
+    vol = _as_volume(scan, spacing)
+    check_values(vol.data, vol.meta.source.path if vol.meta.source else f"volume of shape {vol.shape}")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sm = model if isinstance(model, ScoreModel) else load_score_model(model, device=dev)
+    sm.unet.to(dev)
+    estimated = sigma is None
+    sigma_units = estimate_sigma(vol.data, noise) if estimated else float(sigma)  # type: ignore[arg-type]
+    y_np, lo, hi = normalise(vol.data, sigma_units)
+    s_asked = sigma_units / (hi - lo)
+    trained_lo, trained_hi = sm.cfg.sigma_min, sm.cfg.sigma_max  # levels the model was trained on
+    s_lo = max(trained_lo, sm.schedule.sigma_range[0])
+    s = float(np.clip(s_asked, s_lo, sm.schedule.sigma_range[1]))
+    # Below the model's lowest trained level the network is run at that level and its correction
+    # is shrunk by (sigma / sigma_min)^2: Tweedie's correction is sigma^2 times the score, and the
+    # score barely changes between two small sigmas. Clamping alone would smooth a clean scan by
+    # the model's lowest level (measured: edges of a noise-free phantom moved by 4 % of the peak).
+    # Above the trained range the network runs at sigma all the same (the schedule reaches it),
+    # outside what it learnt: said, not hidden.
+    shrink = (s_asked / s_lo) ** 2 if s_asked < s_lo else 1.0
+    notes = []
+    if s_asked < s_lo:
+        notes.append(
+            f"sigma {s_asked:.3g} of the 99.5th percentile is below the model's range ({s_lo:g}): correction scaled by {shrink:.3g}"
+        )
+    elif s_asked > trained_hi:
+        notes.append(
+            f"sigma {s_asked:.3g} of the 99.5th percentile is above the model's range ({trained_hi:g}): the network extrapolates, check the result"
+        )
+    for n in notes:
+        warnings.warn(
+            f"{vol.meta.source.path if vol.meta.source else 'scan'}: {n}", SigmaOutOfRangeWarning, stacklevel=2
+        )
+    y = torch.as_tensor(y_np, device=dev)[None, None]
+    net = _Net(sm, dev, window, sw_batch_size, autocast_dtype(precision, dev))
+
+    def units(x: torch.Tensor) -> np.ndarray:
+        if shrink != 1.0:
+            x = y + shrink * (x - y)
+        out = x[0, 0].float().cpu().numpy() * (hi - lo) + lo
+        if noise == "rician":
+            out = np.sqrt(np.maximum(out**2 - sigma_units**2, 0.0))
+        elif lo == 0.0:
+            # The scan's negatives are all noise (see normalise), so the clean scan is >= 0 and so
+            # is its MMSE estimate; projecting onto that can only bring each voxel closer (measured
+            # +0.1 to +0.35 dB on the Shepp-Logan phantom, +-0.01 dB on the real volumes).
+            out = np.maximum(out, 0.0)
+        return out.astype(np.float32)
+
+    def as_vol(data: np.ndarray, note: str) -> Volume:
+        return vol.replace(data=data, affine=vol.affine.copy()).with_note(note, *notes)
+
+    desc = f"denoised ({method}, {noise}, sigma {sigma_units:.4g} {vol.meta.units}{' estimated' if estimated else ''})"
+    if method == "tweedie":
+        return DenoiseResult(
+            as_vol(units(_tweedie(net, y, s, sm.schedule)), desc), None, [], sigma_units, estimated, tuple(notes)
+        )
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    samples = [units(_posterior(net, y, s, sm.schedule, gen, max_steps)) for _ in range(n_samples)]
+    stack = np.stack(samples)
+    mean = stack.mean(0)
+    std = stack.std(0) if n_samples > 1 else np.zeros_like(mean)
+    return DenoiseResult(
+        as_vol(mean, desc + f", mean of {n_samples}"),
+        as_vol(std.astype(np.float32), "posterior standard deviation"),
+        [as_vol(x, desc + f", sample {i}") for i, x in enumerate(samples)],
+        sigma_units,
+        estimated,
+        tuple(notes),
+    )
+
+
+def denoise(
+    scan: str | Path | Volume | np.ndarray,
+    *,
+    model: str | Path | ScoreModel | None = None,
+    sigma: float | None = None,
+    noise: Noise = "gaussian",
+    method: Method = "tweedie",
+    n_samples: int = 1,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    spacing: tuple[float, float, float] | None = None,
+) -> Volume:
+    """Denoise a 3D scan (path, Volume, or array with `spacing`); returns a Volume with the input's
+    geometry and units. `model=None` uses the score model that ships with medgen; `sigma=None`
+    estimates the noise from the scan. For the uncertainty map use `denoise_detailed`."""
+    return denoise_detailed(
+        scan,
+        model=model,
+        sigma=sigma,
+        noise=noise,
+        method=method,
+        n_samples=n_samples,
+        seed=seed,
+        device=device,
+        spacing=spacing,
+    ).volume

@@ -1,0 +1,102 @@
+"""Training the score model: denoising score matching on random 3D patches.
+
+A patch x (intensities with the 99.5th percentile at 1) gets Gaussian noise of ratio sigma, drawn
+log-uniformly in [sigma_min, sigma_max]; the network sees x_t = sqrt(abar) (x + sigma eps) at the
+continuous time t(sigma) and predicts eps. Patches, flips and sigmas come from the step's
+generator, so the shared loop's exact resume holds here too.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medgen.config import DenoiserConfig
+from medgen.denoising.normalise import normalise
+from medgen.models.score import NoiseSchedule, build_score_unet, save_score_model
+from medgen.training.loop import Part, Trainer, init_distributed, unwrap, wrap
+
+
+def _pad_to(v: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    pads = []
+    for n, p in zip(reversed(v.shape), reversed(patch)):
+        extra = max(0, p - n)
+        pads += [extra // 2, extra - extra // 2]
+    return torch.nn.functional.pad(v, pads) if any(pads) else v
+
+
+def train_denoiser(cfg, manifest: str | Path, run_dir: str | Path, *, device: str | None = None) -> Path:
+    """`medgen train denoiser`: the accepted scans of the config's data section (preprocessed and
+    cached like the LDM's, intensities 0..1 at the 99.5th percentile) train the score model."""
+    from medgen.datasets.prepared import manifest_items, prepare
+    from medgen.provenance import sha256_file
+
+    cfg.require("data", "denoiser")
+    items = manifest_items(manifest, cfg.data)
+    prepared = prepare(items, cfg.data, Path(run_dir) / "cache")
+    volumes = [normalise(v[0].numpy())[0] for v in prepared.images]
+    provenance = {
+        "command": "medgen train denoiser",
+        "training_manifest_sha256": sha256_file(manifest),
+        "training_data": [{"name": i["scan_id"], "sha256": i["sha256"]} for i in items],
+        "config_name": cfg.name,
+    }
+    return train_score(cfg.denoiser, volumes, run_dir, device=device, provenance=provenance)
+
+
+def train_score(
+    cfg: DenoiserConfig,
+    volumes: list[np.ndarray],
+    run_dir: str | Path,
+    *,
+    device: str | None = None,
+    stop_after: int | None = None,
+    provenance: dict[str, Any] | None = None,
+    init: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Train on normalised volumes (each >= 1 patch after padding); writes RUN/score_model.
+    `init` starts from existing weights (fine-tuning); say so in `provenance`."""
+    d = init_distributed(device)
+    run = Path(run_dir)
+    vols = [_pad_to(torch.as_tensor(v, dtype=torch.float32), cfg.patch).to(d.device) for v in volumes]
+    schedule = NoiseSchedule(cfg)
+    torch.manual_seed(cfg.train.seed)
+    unet = build_score_unet(cfg)
+    if init is not None:
+        unet.load_state_dict(init)
+    model = wrap(unet, d)
+    part = Part("score", model, torch.optim.AdamW(model.parameters(), lr=cfg.train.lr), cfg.train.ema_decay)
+    log_lo, log_hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
+    px, py, pz = cfg.patch
+
+    def step_fn(ctx, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = idx.shape[0]
+        corner = ctx.rand((b, 3))
+        flips = ctx.rand((b, 3)) < 0.5
+        patches = []
+        for k in range(b):
+            v = vols[int(idx[k])]
+            i, j, m = (int(c * (n - p + 1)) for c, n, p in zip(corner[k].tolist(), v.shape, cfg.patch))
+            x = v[i : i + px, j : j + py, m : m + pz]
+            dims = [a for a in range(3) if flips[k, a]]
+            patches.append(torch.flip(x, dims) if dims else x)
+        x0 = torch.stack(patches)[:, None]
+        sigma = torch.exp(log_lo + ctx.rand((b,)) * (log_hi - log_lo))
+        t = schedule.time_of_torch(sigma)
+        scale = (1.0 / (1.0 + sigma**2)).sqrt()[:, None, None, None, None]
+        eps = ctx.randn(x0.shape)
+        xt = scale * (x0 + sigma[:, None, None, None, None] * eps)
+        return {"score": torch.nn.functional.mse_loss(model(xt, timesteps=t).float(), eps)}
+
+    index = torch.arange(len(vols), dtype=torch.long)
+    trainer = Trainer(run / "score", cfg.train, [part], step_fn, index, d, name="score")
+    final = trainer.fit(stop_after=stop_after)
+    out = run / "score_model"
+    if final < cfg.train.steps or not d.is_main:
+        return out
+    weights = part.ema if part.ema is not None else unwrap(model).state_dict()
+    return save_score_model(out, cfg, weights, {**(provenance or {}), "steps": final, "seed": cfg.train.seed})

@@ -1,0 +1,1 @@
+"""Export: gated synthetic volumes to NIfTI and DICOM with provenance sidecars."""

@@ -1,0 +1,182 @@
+"""Export the volumes of a validated run that passed the gate, as NIfTI or DICOM, with provenance.
+
+    OUT/<name>.nii.gz  + OUT/<name>.provenance.json          (--format nifti)
+    OUT/<name>/NNNN.dcm + OUT/<name>.provenance.json          (--format dicom)
+    OUT/export.json                                           what this export wrote, and from where
+
+Rules:
+- Only volumes that passed, from a batch that passed. A failed batch exports nothing. Volumes an
+  earlier export into the same folder wrote (listed in its export.json) that this batch does not
+  export are removed, so the folder always holds exactly the last passing batch.
+- Atomic: every file is written under a hidden temporary name and renamed; a DICOM series is
+  assembled in a hidden temporary folder and renamed into place whole. The sidecar is written
+  after its volume, so a visible sidecar means a complete export of that volume. An export killed
+  midway leaves only hidden `.*.partial-*` entries, which the next export removes.
+- Idempotent: UIDs derive from the generator and volume hashes (pydicom's `generate_uid` with those
+  as entropy), dates from the run's creation time, so exporting the same batch twice writes the
+  same bytes under the same names and never a second copy.
+- Nothing from a source scan: the volume is generated, the DICOM patient fields are dummies
+  (PatientIdentityRemoved YES), and the sidecar holds hashes only (no pseudonyms, no paths).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from medgen.errors import ExportError
+from medgen.io.atomic import TMP_MARK, replace_dir, staging_dir, write_text_atomic
+from medgen.provenance import code_version, sha256_json
+from medgen.volume import VolumeMeta
+
+ExportFormat = Literal["nifti", "dicom"]
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: str
+    exported: list[str]
+    skipped: list[str]  # failed the gate
+
+
+def _clean_partials(out: Path) -> None:
+    for p in out.iterdir():
+        if p.name.startswith(".") and TMP_MARK in p.name:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _remove_export(out: Path, name: str) -> None:
+    """Remove one volume's export, sidecar first: a visible sidecar always means a complete export."""
+    (out / f"{name}.provenance.json").unlink(missing_ok=True)
+    (out / f"{name}.nii.gz").unlink(missing_ok=True)
+    if (out / name).is_dir():
+        shutil.rmtree(out / name)
+
+
+def _sidecar(
+    name: str, vol, entry, record, report: dict, report_sha: str, gen_prov: dict, fmt: str, files: list[str]
+) -> dict:
+    created = record.created
+    verdict = next(v for v in report["volumes"] if v["name"] == name)
+    doc = {
+        "format": "medgen-provenance",
+        "format_version": 1,
+        "synthetic": True,
+        "volume": {
+            "name": name,
+            "sha256": entry.sha256,
+            "shape": list(vol.shape),
+            "spacing_mm": [round(s, 6) for s in vol.spacing],
+            "modality": vol.meta.modality,
+            "units": vol.meta.units,
+            "created": created,
+        },
+        "generator": {
+            "sha256": record.generator_sha256,
+            "config_sha256": gen_prov["config_sha256"],
+            "config_name": gen_prov.get("config_name"),
+            "training_manifest_sha256": gen_prov["training_manifest_sha256"],
+        },
+        "sampling": {"sampler": record.sampler, "steps": record.steps, "seed": record.seed, "index": entry.index},
+        "code_version": record.code_version,
+        "quality": {
+            "verdict": "pass" if verdict["passed"] else "fail",
+            "batch_verdict": "pass" if report["batch"]["passed"] else "fail",
+            "report_sha256": report_sha,
+            "encoder_id": report["encoder_id"],
+            "checks": verdict["checks"],
+            "realism": report["realism"],
+            "diversity": report["diversity"],
+        },
+        "export": {"format": fmt, "files": files},
+    }
+    return doc
+
+
+def export_run(run: str | Path, out: str | Path, fmt: ExportFormat = "nifti") -> ExportResult:
+    """Export the passing volumes of validated run `run` into `out`."""
+
+    from medgen.io.dicom.write import SOP_CLASS, write_series
+    from medgen.io.nifti import read_nifti, write_nifti
+    from medgen.io.schemas import validate
+    from medgen.models.bundle import generator_metadata
+    from medgen.provenance import sha256_file
+    from medgen.quality.validate import QUALITY_DIR, REPORT, read_report
+    from medgen.synthesis.runs import read_record
+
+    if fmt not in ("nifti", "dicom"):
+        raise ExportError(f"unknown export format {fmt!r} (nifti or dicom)")
+    run, out = Path(run), Path(out)
+    report = read_report(run)  # checks every volume's hash against the record and the report
+    record = read_record(run, verify=False)  # just verified: no second pass over the volumes
+    if not report["batch"]["passed"]:
+        raise ExportError(
+            f"{run}: the batch failed the gate ({'; '.join(report['batch']['reasons'])}); nothing exported"
+        )
+    report_sha = sha256_file(run / QUALITY_DIR / REPORT)
+    gen_meta = generator_metadata(record.generator)
+    gen_prov = gen_meta.get("provenance", {})
+    if fmt == "dicom" and gen_meta["modality"] not in SOP_CLASS:
+        raise ExportError(
+            f"{run}: the generator makes {gen_meta['modality']} volumes and DICOM export writes CT or MR image "
+            "storage only (a volume is not relabelled); export as nifti"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_partials(out)
+    previous = (
+        json.loads((out / "export.json").read_text()).get("exported", []) if (out / "export.json").exists() else []
+    )
+    verdicts = {v["name"]: v for v in report["volumes"]}
+    created = dt.datetime.fromisoformat(record.created)
+    exported, skipped = [], []
+    for entry in record.volumes:
+        if not verdicts[entry.name]["passed"]:
+            skipped.append(entry.name)
+            continue
+        vol = read_nifti(run / entry.file)[0]
+        # the file name carries no modality hint: the generator's metadata says what it makes
+        vol = vol.replace(meta=VolumeMeta(modality=gen_meta["modality"], units=gen_meta["units"]))
+        name = entry.name
+        if fmt == "nifti":
+            write_nifti(vol, out / f"{name}.nii.gz")
+            files = [f"{name}.nii.gz"]
+        else:
+            tmp = staging_dir(out / name)
+            paths = write_series(
+                vol,
+                tmp,
+                series_description=f"medgen synthetic {name}",
+                uid_seed=f"medgen-export:{record.generator_sha256}:{entry.sha256}",
+                deidentified=True,
+                content_datetime=created,
+            )
+            # the old sidecar goes first: it must not outlive the series it describes
+            (out / f"{name}.provenance.json").unlink(missing_ok=True)
+            replace_dir(tmp, out / name)
+            files = [f"{name}/{p.name}" for p in paths]
+        doc = _sidecar(name, vol, entry, record, report, report_sha, gen_prov, fmt, files)
+        validate(doc, "provenance")
+        write_text_atomic(out / f"{name}.provenance.json", json.dumps(doc, indent=1, sort_keys=True))
+        exported.append(name)
+    # A volume an earlier export of this folder wrote that this batch does not pass (or no longer
+    # holds) must not stay visible as if it had passed.
+    for name in previous:
+        if name not in exported:
+            _remove_export(out, name)
+    index = {
+        "format": "medgen-export",
+        "export_format": fmt,
+        "generator_sha256": record.generator_sha256,
+        "report_sha256": report_sha,
+        "run_id": sha256_json(record.model_dump(mode="json"))[:16],
+        "exported": exported,
+        "not_exported_failed_gate": skipped,
+        "code_version": code_version(),
+    }
+    write_text_atomic(out / "export.json", json.dumps(index, indent=1, sort_keys=True))
+    return ExportResult(out=out, format=fmt, exported=exported, skipped=skipped)

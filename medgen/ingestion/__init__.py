@@ -1,0 +1,1 @@
+"""Ingestion: survey source trees, plan and convert scans to NIfTI, pseudonymise, write the manifest."""

@@ -1,0 +1,534 @@
+"""Ingestion: a tree of DICOM and NIfTI files -> canonical RAS volumes and a validated manifest.
+
+    DIR/volumes/<scan_id>.nii.gz   one per accepted scan (RAS+ axes, qform == sform, float32)
+    DIR/manifest.csv               one row per scan found, accepted or rejected, with the reason
+    DIR/.medgen/                   salt for pseudonyms, file index (stat -> content hash + header)
+
+Re-running is incremental and keyed on content: a file whose size and mtime are unchanged is not
+read at all (its hash and header come from the index, as git's index does); a scan whose content
+hash and ingest options are unchanged is not converted again. One bad file or series becomes one
+rejected row and the batch goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import json
+import multiprocessing
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medgen.config import IngestConfig
+from medgen.errors import InputError, UnreadableFileError, error_class
+from medgen.io.atomic import write_text_atomic
+from medgen.io.dicom.series import DicomHeader, DicomSeries, read_header, read_series
+from medgen.io.discover import discover, is_candidate, list_files
+from medgen.io.manifest import assign_split, read_rows, write_manifest
+from medgen.io.nifti import FrameMode, is_nifti, read_nifti, write_nifti
+
+STATE_DIR = ".medgen"
+ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
+_FRAME_SUFFIX = re.compile(r"-t[0-9]{4}$")
+_BIDS_SUBJECT = re.compile(r"^sub-[A-Za-z0-9]+$")
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    frames: FrameMode = "error"  # 4D NIfTI: 'error' rejects, 'split' gives one volume per frame
+    localizers: str = "drop"  # 'drop' removes LOCALIZER images mixed into a series, 'error' refuses it
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_seed: str = "medgen"
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_config(cls, cfg: IngestConfig) -> IngestOptions:
+        """The options of a config's `ingest` section (config is below ingestion: it cannot build them)."""
+        return cls(frames=cfg.frames, localizers=cfg.localizers, split=cfg.split, split_seed=cfg.split_seed)
+
+
+@dataclass
+class Unit:
+    """One scan to ingest (or one file refused before it could join a scan)."""
+
+    kind: str  # 'dicom' | 'nifti' | 'bad'
+    key: str  # identity -> scan_id (series UID, or the path relative to the source root)
+    source: str
+    paths: tuple[str, ...]
+    sha256: str
+    subject_id: str  # pseudonym ('sub-' + keyed hash), '' when unknown
+    series: DicomSeries | None = None
+    error: InputError | None = None
+
+
+@dataclass
+class IngestReport:
+    out_dir: Path
+    manifest_path: Path
+    rows: list[dict[str, str]]
+    converted: int  # scans read and converted (or refused) in this run
+    reused: int  # scans unchanged since the last run, not read again
+    files_read: int  # source files whose bytes were read in this run
+    files_ignored: int
+    seconds: float
+    source_bytes: int = 0
+
+    @property
+    def accepted(self) -> list[dict[str, str]]:
+        return [r for r in self.rows if r["status"] == "accepted"]
+
+    @property
+    def rejected(self) -> list[dict[str, str]]:
+        return [r for r in self.rows if r["status"] == "rejected"]
+
+
+# --------------------------------------------------------------------------- state
+
+
+class FileIndex:
+    """path -> (size, mtime_ns, sha256, parsed header or error). Lets a re-run skip unchanged files.
+
+    Patient identifiers never reach the index file: a header's identifiers are replaced by the
+    subject pseudonym before it is stored, and the index is tied to the salt that made them.
+    """
+
+    def __init__(self, path: Path, salt: str):
+        self.path = path
+        self.salt = salt
+        self.check = _digest(salt, "file-index")
+        self.entries: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            try:
+                stored = json.loads(path.read_text())
+                if stored.get("salt_check") == self.check:
+                    self.entries = stored["entries"]
+            except (OSError, ValueError, KeyError, AttributeError):
+                self.entries = {}  # a damaged index (or another salt's) only costs a full re-read
+        self.used: dict[str, dict[str, Any]] = {}
+        self.files_read = 0
+        self.bytes_read = 0
+
+    def fresh(self, p: Path) -> dict[str, Any] | None:
+        """The entry for `p` when its size and mtime are unchanged (the file need not be read)."""
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        e = self.entries.get(str(p))
+        if e and e["size"] == st.st_size and e["mtime_ns"] == st.st_mtime_ns:
+            self.used[str(p)] = e
+            return e
+        return None
+
+    def add(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Record a `survey_file` result."""
+        entry = dict(entry)
+        path = entry.pop("path")
+        if entry.get("header"):
+            ids = entry["header"]["identifiers"]
+            entry["header"] = {**entry["header"], "identifiers": {"pseudonym": _dicom_subject_id(self.salt, ids)}}
+        self.files_read += 1
+        self.bytes_read += entry.pop("nbytes")
+        self.entries[path] = self.used[path] = entry
+        return entry
+
+    def _entry(self, p: Path) -> dict[str, Any] | None:
+        e = self.fresh(p)
+        if e is None and p.exists():
+            e = self.add(survey_file(str(p), parse_dicom=not is_nifti(p)))
+        return e
+
+    def dicom_header(self, p: Path) -> DicomHeader | None:
+        """Header from the index when the file is unchanged, else read + hash + parse in one read."""
+        e = self._entry(p)
+        if e is None:
+            raise UnreadableFileError(p, "cannot open: no such file (broken link?)")
+        if e.get("error"):
+            raise error_class(e["error"]["code"])(p, e["error"]["reason"])
+        return DicomHeader.from_json(e["header"]) if e.get("header") else None
+
+    def sha256(self, p: Path) -> str:
+        """Content hash; '' when the file cannot be read (its row says why)."""
+        e = self._entry(p)
+        return e["sha256"] if e else ""
+
+    def save(self) -> None:
+        write_text_atomic(self.path, json.dumps({"salt_check": self.check, "entries": self.used}, sort_keys=True))
+
+
+def survey_file(path: str, parse_dicom: bool) -> dict[str, Any]:
+    """Read a file once: its stat, SHA-256 and (for DICOM) parsed header or typed error.
+
+    Module-level and JSON-valued so worker processes can run it and the index can keep it.
+    """
+    p = Path(path)
+    entry: dict[str, Any] = {"path": path, "header": None, "error": None}
+    try:
+        st = p.stat()  # before reading: a write during the read changes mtime, so the next run re-reads
+        data = p.read_bytes()
+    except OSError as e:
+        err = UnreadableFileError(p, f"cannot read: {e.strerror or e}")
+        return {
+            **entry,
+            "size": -1,
+            "mtime_ns": -1,
+            "sha256": "",
+            "nbytes": 0,
+            "error": {"code": err.code, "reason": err.reason},
+        }
+    entry.update(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=hashlib.sha256(data).hexdigest(), nbytes=len(data))
+    if parse_dicom:
+        try:
+            h = read_header(p, data)
+            entry["header"] = h.to_json() if h else None
+        except InputError as err:
+            entry["error"] = {"code": err.code, "reason": err.reason}
+    return entry
+
+
+def _salt(state: Path, salt: str | None) -> str:
+    """The secret behind the pseudonyms: given, from MEDGEN_SUBJECT_SALT, or made once and kept."""
+    if salt:
+        return salt
+    if os.environ.get("MEDGEN_SUBJECT_SALT"):
+        return os.environ["MEDGEN_SUBJECT_SALT"]
+    f = state / "salt"
+    if not f.exists():
+        write_text_atomic(f, secrets.token_hex(32))
+        f.chmod(0o600)
+    return f.read_text().strip()
+
+
+def _digest(salt: str, message: str) -> str:
+    return hmac.new(salt.encode(), message.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- units
+
+
+def _relative_key(path: Path, roots: Sequence[Path]) -> str:
+    """Path relative to the parent of the source root it lies under: stable when the tree moves."""
+    ap = path.absolute()
+    for r in roots:
+        base = (r if r.is_dir() else r.parent).absolute()  # a relative root must not fall through to ap
+        try:
+            return str(ap.relative_to(base.parent))
+        except ValueError:
+            continue
+    return str(ap)
+
+
+def _subject_id(salt: str, key: str) -> str:
+    return "sub-" + _digest(salt, "subject:" + key) if key else ""
+
+
+def _dicom_subject_id(salt: str, ids: dict[str, str]) -> str:
+    """Pseudonym from PatientID, else PatientName + BirthDate, else StudyInstanceUID."""
+    if "pseudonym" in ids:  # already pseudonymised (a header from the file index)
+        return ids["pseudonym"]
+    if ids.get("PatientID"):
+        return _subject_id(salt, "pid:" + ids["PatientID"])
+    if ids.get("PatientName"):
+        return _subject_id(salt, f"pname:{ids['PatientName']}|{ids.get('PatientBirthDate', '')}")
+    if ids.get("StudyInstanceUID"):
+        return _subject_id(salt, "study:" + ids["StudyInstanceUID"])
+    return ""
+
+
+def _nifti_subject_id(salt: str, rel: str) -> str:
+    """BIDS subject folder (sub-XX) when there is one; otherwise each file is its own subject."""
+    for part in Path(rel).parts:
+        if _BIDS_SUBJECT.match(part):
+            return _subject_id(salt, "bids:" + part)
+    return _subject_id(salt, "file:" + rel)
+
+
+def _series_source(series: DicomSeries) -> str:
+    paths = series.paths
+    return paths[0] if len(paths) == 1 else os.path.commonpath(paths)
+
+
+def find_units(sources: Sequence[Path], index: FileIndex, pool: cf.Executor | None = None) -> tuple[list[Unit], int]:
+    files = list_files(sources)
+    if pool is not None:  # read and parse the changed files in parallel; discovery then finds them indexed
+        stale = [str(f) for f in files if is_candidate(f) and f.exists() and index.fresh(f) is None]
+        kinds = [not is_nifti(f) for f in stale]
+        for entry in pool.map(survey_file, stale, kinds, chunksize=max(1, len(stale) // 32)):
+            index.add(entry)
+    found = discover(sources, header_reader=index.dicom_header, files=files)
+    units: list[Unit] = []
+    for f in found.nifti:
+        rel = _relative_key(f, sources)
+        sha = index.sha256(f)
+        units.append(Unit("nifti", "nifti:" + rel, str(f), (str(f),), sha, _nifti_subject_id(index.salt, rel)))
+    for s in found.series:
+        file_hashes = sorted(index.sha256(Path(p)) for p in s.paths)
+        sha = hashlib.sha256("\n".join(file_hashes).encode()).hexdigest()
+        subject = _dicom_subject_id(index.salt, s.headers[0].identifiers)
+        units.append(Unit("dicom", "dicom:" + s.key, _series_source(s), s.paths, sha, subject, series=s))
+    for err in found.bad_files:
+        p = Path(err.path)
+        rel = _relative_key(p, sources)
+        units.append(Unit("bad", "file:" + rel, str(p), (str(p),), index.sha256(p), "", error=err))
+    return units, len(found.ignored)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _fmt(values: Iterable[float]) -> str:
+    return "x".join(f"{v:.6g}" for v in values)
+
+
+def _rejected(scan_id: str, err: InputError, modality: str = "") -> dict[str, str]:
+    return {
+        "scan_id": scan_id,
+        "status": "rejected",
+        "reason": err.reason,
+        "error_code": err.code,
+        "modality": modality,
+        "units": "",
+        "shape": "",
+        "spacing": "",
+        "orientation": "",
+        "output_path": "",
+        "notes": "",
+    }
+
+
+def convert_unit(unit: Unit, scan_id: str, out_dir: str, options: IngestOptions) -> list[dict[str, str]]:
+    """Read, check and write one scan. Returns its row(s) (several for a split 4D NIfTI).
+
+    Module-level so worker processes can run it.
+    """
+    if unit.error is not None:
+        return [_rejected(scan_id, unit.error)]
+    modality = unit.series.modality if unit.series else ""
+    try:
+        if unit.kind == "dicom":
+            volumes = [read_series(unit.series, where=unit.source, localizers=options.localizers)]  # type: ignore[arg-type]
+        else:
+            volumes = read_nifti(unit.source, frames=options.frames)
+    except InputError as e:
+        return [_rejected(scan_id, e, modality)]
+    rows = []
+    for t, vol in enumerate(volumes):
+        sid = f"{scan_id}-t{t:04d}" if len(volumes) > 1 else scan_id
+        canon = vol.as_closest_canonical()
+        rel = f"volumes/{sid}.nii.gz"
+        write_nifti(canon, Path(out_dir) / rel)
+        rows.append(
+            {
+                "scan_id": sid,
+                "status": "accepted",
+                "reason": "",
+                "error_code": "",
+                "modality": canon.meta.modality,
+                "units": canon.meta.units,
+                "shape": "x".join(map(str, canon.shape)),
+                "spacing": _fmt(canon.spacing),
+                "orientation": canon.orientation,
+                "output_path": rel,
+                "notes": "; ".join(canon.meta.notes),
+            }
+        )
+    return rows
+
+
+def _base_id(scan_id: str) -> str:
+    return _FRAME_SUFFIX.sub("", scan_id)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class IngestPlan:
+    """What an ingest run will do: rows reused unchanged, and the scans to convert.
+
+    Made by `plan_ingest` (survey: reads only files whose size or mtime changed), finished by
+    `finish_ingest` (labels rows, writes manifest and state). Between the two, `convert_unit` runs
+    once per scan to do, in any process: the Prefect flow fans those calls out as tasks.
+    """
+
+    out_dir: Path
+    manifest_path: Path
+    options: IngestOptions
+    key: str
+    index: FileIndex
+    reused: list[dict[str, str]]
+    todo: list[tuple[Unit, str]]  # (scan, scan_id)
+    n_units: int
+    ignored: int
+    t0: float
+
+
+@contextlib.contextmanager
+def ingest_lock(out: str | Path):
+    """One ingest at a time per output folder (an hourly ingest and a nightly pipeline may overlap):
+    an exclusive lock on OUT/.medgen/lock, held from the survey to the written manifest. A POSIX
+    advisory lock: it serialises processes on one host (and on filesystems that honour flock)."""
+    import fcntl
+
+    state = Path(out) / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / "lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def plan_ingest(
+    sources: str | Path | Sequence[str | Path],
+    out: str | Path,
+    *,
+    options: IngestOptions | None = None,
+    salt: str | None = None,
+    force: bool = False,
+    pool: cf.Executor | None = None,
+) -> IngestPlan:
+    t0 = time.perf_counter()
+    options = options or IngestOptions()
+    srcs = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(s) for s in sources]
+    for s in srcs:
+        if not s.exists() and not s.is_symlink():
+            raise FileNotFoundError(f"ingest source does not exist: {s}")
+    out_dir = Path(out)
+    state = out_dir / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    (out_dir / "volumes").mkdir(exist_ok=True)
+    manifest_path = out_dir / "manifest.csv"
+    key = _salt(state, salt)
+    index = FileIndex(state / "file_index.json", key)
+
+    previous: dict[str, list[dict[str, str]]] = {}
+    options_file = state / "options.json"
+    same_options = options_file.exists() and options_file.read_text() == options.fingerprint()
+    if manifest_path.exists() and same_options and not force:
+        for r in read_rows(manifest_path):
+            previous.setdefault(_base_id(r["scan_id"]), []).append(r)
+
+    units, ignored = find_units(srcs, index, pool)
+    reused: list[dict[str, str]] = []
+    todo: list[tuple[Unit, str]] = []
+    for u in units:
+        scan_id = "scan-" + _digest(key, u.key)
+        prev = previous.get(scan_id)
+        if (
+            prev
+            and all(r["sha256"] == u.sha256 for r in prev)
+            and all(r["status"] == "rejected" or (out_dir / r["output_path"]).exists() for r in prev)
+        ):
+            reused.extend(prev)
+            continue
+        todo.append((u, scan_id))
+    return IngestPlan(out_dir, manifest_path, options, key, index, reused, todo, len(units), ignored, t0)
+
+
+def label_rows(plan: IngestPlan, unit: Unit, converted: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Complete `convert_unit`'s rows with source, hash, pseudonym and split."""
+    for r in converted:
+        accepted = r["status"] == "accepted"
+        r.update(
+            source=unit.source,
+            source_kind=unit.kind if unit.kind != "bad" else "unknown",
+            n_files=str(len(unit.paths)),
+            sha256=unit.sha256,
+            subject_id=unit.subject_id,
+            split=assign_split(unit.subject_id, plan.options.split, plan.options.split_seed) if accepted else "",
+            ingested_at=_now(),
+        )
+    return converted
+
+
+def finish_ingest(plan: IngestPlan, converted_rows: list[dict[str, str]]) -> IngestReport:
+    """Write the manifest (reused + converted rows) and the state; drop volumes no row names."""
+    rows = plan.reused + converted_rows
+    out_dir = plan.out_dir
+    # Volumes this directory holds but the new manifest does not name (a scan that vanished or is
+    # now rejected) are removed, so volumes/ always matches manifest.csv.
+    keep = {r["output_path"] for r in rows if r["output_path"]}
+    for f in (out_dir / "volumes").glob("*.nii.gz"):
+        if f"volumes/{f.name}" not in keep:
+            f.unlink()
+    write_manifest(rows, plan.manifest_path)
+    plan.index.save()
+    write_text_atomic(out_dir / STATE_DIR / "options.json", plan.options.fingerprint())
+    return IngestReport(
+        out_dir=out_dir,
+        manifest_path=plan.manifest_path,
+        rows=sorted(rows, key=lambda r: r["scan_id"]),
+        converted=len(plan.todo),
+        reused=plan.n_units - len(plan.todo),
+        files_read=plan.index.files_read,
+        files_ignored=plan.ignored,
+        seconds=time.perf_counter() - plan.t0,
+        source_bytes=plan.index.bytes_read,
+    )
+
+
+def ingest(
+    sources: str | Path | Sequence[str | Path],
+    out: str | Path,
+    *,
+    options: IngestOptions | None = None,
+    workers: int = 1,
+    salt: str | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> IngestReport:
+    """Ingest `sources` (files and folders) into `out`. See the module docstring for the layout.
+
+    `workers` > 1 converts scans in that many processes (spawned, so it is safe inside threaded
+    hosts such as Prefect workers). `force` converts every scan again.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ingest_lock(out))
+        pool = (
+            stack.enter_context(cf.ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()))
+            if workers > 1
+            else None
+        )
+        if progress:
+            progress("survey", 0, 1)
+        plan = plan_ingest(sources, out, options=options, salt=salt, force=force, pool=pool)
+        if progress:
+            progress("survey", 1, 1)
+            progress("convert", 0, len(plan.todo))
+        opts, out_dir = plan.options, str(plan.out_dir)
+        if pool is not None and len(plan.todo) > 1:
+            futures = {pool.submit(convert_unit, u, sid, out_dir, opts): u for u, sid in plan.todo}
+            results = ((futures[f], f.result()) for f in cf.as_completed(futures))
+        else:
+            results = ((u, convert_unit(u, sid, out_dir, opts)) for u, sid in plan.todo)
+        rows: list[dict[str, str]] = []
+        for done, (u, converted) in enumerate(results, 1):
+            rows.extend(label_rows(plan, u, converted))
+            if progress:
+                progress("convert", done, len(plan.todo))
+        return finish_ingest(plan, rows)
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """fork when this process runs one thread (fast: no re-import); spawn otherwise, because a
+    fork inside a threaded host (Prefect, Dask, a web server) can copy a held lock and hang."""
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")

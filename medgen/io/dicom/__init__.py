@@ -1,0 +1,1 @@
+"""DICOM: headers and series assembly (series), pixel decoding, writing derived series (write)."""

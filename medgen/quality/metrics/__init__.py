@@ -1,0 +1,2 @@
+"""Quality metrics: paired image metrics, realism (feature and radiomics distances), diversity and
+memorization."""

@@ -1,0 +1,117 @@
+"""Generation: noise -> reverse diffusion in latent space -> decode -> volumes in scanner units.
+
+Sample i of seed s is a function of (s, i) only, whatever the batch size: its initial noise and
+every stochastic step draw from its own generator, and scheduler steps run per sample (the network
+still runs batched). Large volumes decode with MONAI's sliding-window inference over the latent,
+so memory stays bounded by the window, not the volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from medgen.models.bundle import Generator
+from medgen.models.networks import build_scheduler
+from medgen.seeding import keyed_generator
+from medgen.volume import Volume, VolumeMeta
+
+
+def sample_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """Sample `index` of `seed` has its own stream: the same volume in any batch or subset."""
+    return keyed_generator(f"sample:{seed}:{index}", device)
+
+
+@torch.no_grad()
+def decode(gen: Generator, z: torch.Tensor, roi: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Latents (already divided by the scale factor) -> images; sliding windows when `roi` is
+    smaller than the latent, with Gaussian blending across overlaps."""
+    ae = gen.autoencoder
+    if roi is None or all(r >= n for r, n in zip(roi, z.shape[2:])):
+        return ae.decode(z)
+    from monai.inferers import sliding_window_inference
+
+    # Windows need context: keep `roi` at >= ~3/4 of the latent or >= 24 latent voxels per axis.
+    return sliding_window_inference(z, roi_size=roi, sw_batch_size=1, predictor=ae.decode, overlap=0.5, mode="gaussian")
+
+
+@torch.no_grad()
+def denoise_latents(
+    gen: Generator, z: torch.Tensor, gens: list[torch.Generator], sampler: str, steps: int
+) -> torch.Tensor:
+    sched = build_scheduler(gen.diffusion_cfg, sampler)
+    device = z.device
+    if sampler == "rflow":
+        sched.set_timesteps(steps, device=device, input_img_size_numel=int(np.prod(z.shape[2:])))
+    else:
+        sched.set_timesteps(steps, device=device)
+    timesteps = list(sched.timesteps)
+    nexts = timesteps[1:] + [torch.zeros_like(timesteps[0])]
+    for t, t_next in zip(timesteps, nexts):
+        tt = torch.full((z.shape[0],), float(t) if sampler == "rflow" else int(t), device=device)
+        out = gen.unet(z, timesteps=tt if sampler == "rflow" else tt.long())
+        parts = []
+        for b in range(z.shape[0]):
+            if sampler == "rflow":
+                nz, _ = sched.step(out[b : b + 1], t, z[b : b + 1], t_next)
+            elif sampler == "ddim":
+                nz, _ = sched.step(out[b : b + 1], int(t), z[b : b + 1], eta=0.0, generator=gens[b])
+            else:
+                nz, _ = sched.step(out[b : b + 1], int(t), z[b : b + 1], generator=gens[b])
+            parts.append(nz)
+        z = torch.cat(parts)
+    return z
+
+
+def generate(
+    generator: Generator,
+    n: int,
+    *,
+    sampler: str | None = None,
+    steps: int = 50,
+    seed: int = 0,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+    decode_roi: tuple[int, int, int] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    indices: list[int] | None = None,
+) -> list[Volume]:
+    """`n` synthetic volumes, in memory, in the model's geometry (spacing, affine) and units.
+
+    `generate` returns Volumes and writes nothing; `medgen.synthesize` is the one that makes a
+    synthesis run folder (volumes + a record) that `validate_run` and `export_run` accept.
+
+    `sampler`: 'ddpm' or 'ddim' for a model trained with ddpm/ddim, 'rflow' for rectified flow;
+    None uses the model's own. Sample i for a seed is the same whatever `batch_size`, and whatever
+    other samples are generated with it: `indices` picks which samples (default 0..n-1), so a set
+    can be generated in parallel pieces.
+    """
+    indices = list(range(n)) if indices is None else list(indices)
+    if n < 1 or batch_size < 1 or steps < 1 or len(indices) != n or min(indices) < 0:
+        raise ValueError("n, batch_size and steps must be >= 1, indices n non-negative sample numbers")
+    dev = torch.device(device) if device is not None else next(generator.unet.parameters()).device
+    generator.autoencoder.to(dev)
+    generator.unet.to(dev)
+    sampler = sampler or generator.diffusion_cfg.scheduler
+    shape = generator.latent_shape
+    affine = generator.affine
+    out: list[Volume] = []
+    for start in range(0, n, batch_size):
+        idx = indices[start : start + batch_size]
+        gens = [sample_generator(seed, i, dev) for i in idx]
+        z = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
+        z = denoise_latents(generator, z, gens, sampler, steps)
+        images = decode(generator, z / generator.scale_factor, decode_roi).float().cpu().numpy()
+        for i, img in zip(idx, images):
+            data = generator.intensity.to_units(img[0]).astype(np.float32)
+            meta = VolumeMeta(
+                modality=generator.modality,
+                units=generator.units,
+                notes=(f"synthetic: {sampler}-{steps}, seed {seed}, sample {i}, generator {generator.path.name}",),
+            )
+            out.append(Volume(data, affine.copy(), meta))
+        if progress:
+            progress(len(out), n)
+    return out

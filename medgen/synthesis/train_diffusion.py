@@ -1,0 +1,113 @@
+"""Stage 2: a diffusion UNet on scaled latents of the frozen autoencoder (epsilon or v prediction
+with DDPM/DDIM, or rectified flow), with EMA; the result is saved as one generator bundle."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from medgen.config import PipelineConfig
+from medgen.datasets.prepared import manifest_items, prepare, source_kind
+from medgen.models.bundle import save_generator
+from medgen.models.networks import build_scheduler, build_unet, latent_shape
+from medgen.provenance import sha256_file, sha256_json
+from medgen.synthesis.train_autoencoder import load_autoencoder_stage
+from medgen.training.loop import Part, Trainer, init_distributed, unwrap, wrap
+
+STAGE_DIR = "diffusion"
+GENERATOR_DIR = "generator"
+
+
+@torch.no_grad()
+def encode_latents(ae, images: torch.Tensor, scale: float, device: torch.device) -> torch.Tensor:
+    """Scaled latent means of the training volumes (encoded once: the autoencoder is frozen)."""
+    return torch.cat([ae.encode(x.to(device))[0].float().cpu() for x in images.split(1)]) * scale
+
+
+def diffusion_loss(
+    unet, scheduler, kind: str, prediction: str, z0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
+    """MSE of the network's prediction for z0 noised at times drawn from `u` ~ U[0, 1)."""
+    T = scheduler.num_train_timesteps
+    if kind == "rflow":
+        t = u * T  # continuous time; x_t = (1 - t/T) x0 + t/T noise, velocity target x0 - noise
+        target = z0 - noise
+    else:
+        t = (u * T).long().clamp_max(T - 1)
+        target = noise if prediction == "epsilon" else scheduler.get_velocity(z0, noise, t)
+    zt = scheduler.add_noise(z0, noise, t)
+    return torch.nn.functional.mse_loss(unet(zt, timesteps=t).float(), target)
+
+
+def train_diffusion(
+    cfg: PipelineConfig,
+    manifest: str | Path,
+    run_dir: str | Path,
+    *,
+    device: str | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Train stage 2 into RUN/diffusion/ and write the generator bundle RUN/generator/ (returned)."""
+    cfg.require("data", "autoencoder", "diffusion")
+    acfg, dcfg, data_cfg = cfg.autoencoder, cfg.diffusion, cfg.data
+    assert acfg is not None and dcfg is not None and data_cfg is not None
+    d = init_distributed(device)
+    run_dir = Path(run_dir)
+    stage1 = load_autoencoder_stage(cfg, run_dir, d.device)
+    train = prepare(manifest_items(manifest, data_cfg), data_cfg, run_dir / "cache")
+    latents = encode_latents(stage1.autoencoder, train.images, stage1.scale_factor, d.device)
+
+    torch.manual_seed(dcfg.train.seed)
+    unet = build_unet(dcfg, acfg.latent_channels)
+    model = wrap(unet, d)
+    part = Part("diffusion", model, torch.optim.AdamW(model.parameters(), lr=dcfg.train.lr), dcfg.train.ema_decay)
+    scheduler = build_scheduler(dcfg)
+
+    def step_fn(ctx, z0: torch.Tensor) -> dict[str, torch.Tensor]:
+        noise = ctx.randn(z0.shape)
+        u = ctx.rand((z0.shape[0],))
+        return {"diffusion": diffusion_loss(model, scheduler, dcfg.scheduler, dcfg.prediction, z0, noise, u)}
+
+    fingerprint = sha256_json(
+        {
+            "diffusion": dcfg.model_dump(mode="json"),
+            "data": data_cfg.model_dump(mode="json"),
+            "train": [i["sha256"] for i in train.items],
+            "autoencoder": stage1.weights_sha256,  # a retrained stage 1 means new latents
+        }
+    )
+    trainer = Trainer(
+        run_dir / STAGE_DIR, dcfg.train, [part], step_fn, latents, d, name="diffusion", fingerprint=fingerprint
+    )
+    final = trainer.fit(stop_after=stop_after)
+    bundle = run_dir / GENERATOR_DIR
+    if final < dcfg.train.steps or not d.is_main:
+        return bundle
+    weights = part.ema if part.ema is not None else unwrap(model).state_dict()
+    manifest_sha = sha256_file(manifest)
+    modality, units = source_kind(manifest, train.items, data_cfg)
+    save_generator(
+        bundle,
+        autoencoder_cfg=acfg,
+        diffusion_cfg=dcfg,
+        data_cfg=data_cfg,
+        intensity=stage1.intensity,
+        scale_factor=stage1.scale_factor,
+        latent_shape=latent_shape(acfg, data_cfg.size),
+        autoencoder_state=stage1.autoencoder.state_dict(),
+        diffusion_state={k: v.detach().cpu() for k, v in weights.items()},
+        modality=modality,
+        units=units,
+        provenance={
+            "training_manifest_sha256": manifest_sha,
+            "training_manifest": str(Path(manifest).resolve()),  # where validation finds the real reference volumes
+            "train_items": [{"scan_id": i["scan_id"], "sha256": i["sha256"]} for i in train.items],
+            "autoencoder_metrics": stage1.metrics,
+            "config_name": cfg.name,
+            "config_sha256": hashlib.sha256(cfg.model_dump_json().encode()).hexdigest(),
+            "ema": part.ema is not None,
+        },
+    )
+    return bundle

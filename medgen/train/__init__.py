@@ -1,1 +1,0 @@
-"""Training: the shared loop (loop.py) and the stages built on it (autoencoder.py, ldm.py)."""

@@ -1,0 +1,1 @@
+"""The shared training loop (checkpoints, resume, DDP, AMP) that every training stage builds on."""
