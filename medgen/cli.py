@@ -340,6 +340,15 @@ def export(
     )
 
 
+class PrecisionKind(str, Enum):
+    """The choices of medgen.models.precision, so a typo is refused by the CLI in one line."""
+
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
 class NoiseKind(str, Enum):
     gaussian = "gaussian"
     rician = "rician"
@@ -372,11 +381,11 @@ def denoise(
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
     precision: Annotated[
-        str,
+        PrecisionKind,
         typer.Option(
             help="auto (bf16 on CUDA, fp32 on CPU), bf16 (also on a CPU with native bf16: ~1.9x faster), fp16, fp32."
         ),
-    ] = "auto",
+    ] = PrecisionKind.auto,
 ) -> None:
     """Denoise a scan with the score model; NIfTI out, or a DERIVED DICOM series for DICOM input."""
     from medgen.denoising.denoiser import denoise_detailed
@@ -392,7 +401,7 @@ def denoise(
         n_samples=n_samples,
         seed=seed,
         device=device,
-        precision=precision,
+        precision=precision.value,
     )  # type: ignore[arg-type]
     from medgen.denoising.batch import write_denoised
 

@@ -272,6 +272,33 @@ def test_cli_denoise_writes_nifti_or_a_derived_dicom_series(tmp_path, phantom):
     a, b = load_volume(tmp_path / "in"), load_volume(tmp_path / "out_dcm")
     np.testing.assert_allclose(a.affine, b.affine, atol=1e-4)
     assert np.abs(b.data - phantom[:, :, :16] * 1000).mean() < np.abs(a.data - phantom[:, :, :16] * 1000).mean()
+    r = runner.invoke(
+        app, ["denoise", str(tmp_path / "in.nii.gz"), "--out", str(tmp_path / "p.nii.gz"), "--precision", "fp8"]
+    )
+    assert r.exit_code == 2 and "--precision" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "p.nii.gz").exists()
+
+
+def test_a_non_ct_mr_dicom_series_is_denoised_to_nifti_with_a_note_not_relabelled(tmp_path, phantom, model):
+    """A derived series keeps its source's modality, and we write CT and MR image storage only: a PT
+    series gets its NIfTI and a note saying why no DICOM came back (it used to be written as MR)."""
+    from pathlib import Path
+
+    import pydicom
+
+    from medgen.denoising.batch import denoise_scan, find_scans
+    from medgen.io.dicom.write import write_series
+
+    noisy = phantom[:, :, :16] * 1000 + 40 * np.random.default_rng(9).standard_normal((48, 48, 16)).astype(np.float32)
+    for f in write_series(Volume(noisy, np.diag([2.0, 2.0, 3.0, 1.0]), VolumeMeta(modality="MR")), tmp_path / "pt"):
+        ds = pydicom.dcmread(f)
+        ds.Modality = "PT"
+        ds.save_as(f)
+    (ref,) = find_scans([tmp_path / "pt"])
+    rec = denoise_scan(ref, tmp_path / "out", model=model, device="cpu")
+    assert [Path(o).name for o in rec["outputs"]] == [f"{ref.name}_denoised.nii.gz"]
+    assert any("no derived DICOM series" in n and "PT" in n for n in rec["notes"])
+    assert not (tmp_path / "out" / f"{ref.name}_denoised_dicom").exists()
 
 
 def test_cli_trains_a_denoiser_from_a_manifest(tmp_path):

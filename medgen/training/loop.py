@@ -83,11 +83,6 @@ def wrap(module: nn.Module, d: Dist) -> nn.Module:
     return module
 
 
-def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a stage's `amp` setting (medgen.models.precision says what each means)."""
-    return autocast_dtype(setting, device)
-
-
 def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
     return keyed_generator(f"{seed}:{step}:{micro}:{rank}", device)
 
@@ -180,7 +175,7 @@ class Trainer:
         for p in parts:
             if p.scheduler is None:
                 p.scheduler = torch.optim.lr_scheduler.LambdaLR(p.optimizer, lr_lambda(cfg))
-        self.amp = amp_dtype(cfg.amp, d.device)
+        self.amp = autocast_dtype(cfg.amp, d.device)  # medgen.models.precision: what each setting means
         self.scaler = torch.amp.GradScaler(d.device.type, enabled=self.amp == torch.float16)
         self.sampler = StepSampler(len(data), cfg.batch_size, cfg.seed, d.rank, d.world)
         self.step = 0
