@@ -25,6 +25,9 @@ class IngestConfig(_Strict):
     localizers: Literal["drop", "error"] = "drop"
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: str = "medgen"
+    # Per-scan ceiling on voxels (all frames), checked on what a header claims before anything is
+    # allocated: 2**27 = 512^3, about 0.5 GiB as float32. Raise it for whole-body CT.
+    max_voxels: int = Field(2**27, ge=1, le=2**33)
     # Pseudonym salt. None (the default for real data): a secret kept in OUT/.medgen/salt or
     # $MEDGEN_SUBJECT_SALT. Only data that are not patients (the demo) may name one in a config.
     salt: str | None = None

@@ -64,6 +64,31 @@ class UnsupportedImageError(InputError):
     code = "unsupported"
 
 
+class UnsupportedObjectError(InputError):
+    """A DICOM object that is not an image volume (RT dose/structure/plan, SEG, SR, presentation
+    state, key object...): recorded as its own row so the user sees what was set aside."""
+
+    code = "unsupported_object"
+
+
+class InvalidHeaderError(InputError):
+    """A header value that cannot be what it claims (a RescaleSlope that is not a number...)."""
+
+    code = "invalid_header"
+
+
+class TooLargeError(InputError):
+    """More voxels than the configured ceiling, or than the bytes present can hold."""
+
+    code = "too_large"
+
+
+class InternalError(InputError):
+    """An unexpected failure while handling one scan: recorded (type and message) so the batch goes on."""
+
+    code = "internal_error"
+
+
 class NotAVolumeError(InputError):
     """A single 2D image (one slice, or a projection radiograph)."""
 
@@ -163,6 +188,14 @@ class TrainingDivergedError(MedgenError):
 
 class NoTrainingDataError(MedgenError):
     """The manifest has no accepted row matching the data config."""
+
+
+class IngestError(MedgenError):
+    """An ingest that cannot start: a source that does not exist, or lies inside the output folder."""
+
+
+class OutputExistsError(MedgenError):
+    """An output folder or file that holds something medgen did not write (or is the input itself)."""
 
 
 class ConfigError(MedgenError):

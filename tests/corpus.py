@@ -42,11 +42,27 @@ def build_corpus(root: Path) -> dict[str, tuple[str, str]]:
     )
     expect["good_T1w.nii.gz"] = ("accepted", "")
 
-    # 1. truncated DICOM: one slice of a series cut in the middle of its pixel data
+    # 1. truncated DICOM: one slice of a series cut in the middle of its pixel data. The file is a
+    # row of its own (set aside before the series is assembled); the series, judged on the rest,
+    # then has a hole.
     files = _series(root / "truncated", 2)
     data = files[2].read_bytes()
     files[2].write_bytes(data[: len(data) - 300])
-    expect["truncated"] = ("rejected", "truncated")
+    expect["truncated/0003.dcm"] = ("rejected", "truncated")
+    expect["truncated"] = ("rejected", "missing_slice")
+    # 1b. a partial transfer of one slice lying elsewhere (same SeriesInstanceUID, same position):
+    # its own rejected row; the complete series is still accepted.
+    files = _series(root / "complete", 22)
+    (root / "partial_copy").mkdir()
+    data = files[2].read_bytes()
+    (root / "partial_copy" / "0003.dcm").write_bytes(data[: len(data) // 2])
+    expect["complete"] = ("accepted", "")
+    expect["partial_copy"] = ("rejected", "truncated")
+    # 1c. a complete second copy of one instance (same SOPInstanceUID): one slice, not a duplicate
+    files = _series(root / "copied_instance", 23)
+    (root / "copied_instance" / "again").mkdir()
+    (root / "copied_instance" / "again" / "0002.dcm").write_bytes(files[1].read_bytes())
+    expect["copied_instance"] = ("accepted", "extra copy")
 
     # 2. a text file named .dcm
     (root / "not_dicom.dcm").write_text("patient notes, definitely not DICOM\n")
@@ -54,10 +70,11 @@ def build_corpus(root: Path) -> dict[str, tuple[str, str]]:
 
     # 3. a slice without PixelData
     files = _series(root / "no_pixels", 3)
-    ds = pydicom.dcmread(files[1])
+    ds = pydicom.dcmread(files[0])
     del ds.PixelData
-    ds.save_as(files[1])
-    expect["no_pixels"] = ("rejected", "missing_pixel_data")
+    ds.save_as(files[0])
+    expect["no_pixels/0001.dcm"] = ("rejected", "missing_pixel_data")
+    expect["no_pixels"] = ("accepted", "")  # the other five slices are a whole volume
 
     # 4. a duplicate slice: a copy with a new SOP Instance UID at the same position
     files = _series(root / "duplicate", 4)
@@ -174,7 +191,7 @@ def build_corpus(root: Path) -> dict[str, tuple[str, str]]:
     good = root / "good_T1w.nii.gz"
     nib.save(nib.Nifti1Image(rng.random((30, 30, 30), dtype=np.float32), oblique_affine()), root / "cut.nii")
     (root / "cut.nii").write_bytes((root / "cut.nii").read_bytes()[:5000])
-    expect["cut.nii"] = ("rejected", "unreadable")
+    expect["cut.nii"] = ("rejected", "truncated")
 
     # 21. non-image files are ignored, not scans
     (root / "README.txt").write_text("not a scan")

@@ -14,7 +14,7 @@ import pytest
 from conftest import CT5N, make_volume
 
 from medgen import ingest, load_volume, read_manifest
-from medgen.errors import ManifestError
+from medgen.errors import IngestError, ManifestError
 from medgen.io.dicom.write import write_series
 from medgen.io.manifest import COLUMNS, assign_split, read_rows, validate_rows
 from medgen.io.schemas import load_schema
@@ -112,7 +112,7 @@ def test_new_scans_are_picked_up_and_vanished_ones_removed(tree, tmp_path):
     shutil.rmtree(tree / "p2_ct")
     report = ingest(tree, out)
     assert report.converted == 1 and len(report.rows) == 5
-    assert sorted(p.name for p in (out / "volumes").iterdir()) == sorted(
+    assert sorted(p.name for p in (out / "volumes").glob("*.nii.gz")) == sorted(
         Path(r["output_path"]).name for r in report.rows
     )
 
@@ -129,7 +129,7 @@ def test_a_scan_that_becomes_broken_loses_its_volume(tree, tmp_path):
     assert series["status"] == "rejected" and series["error_code"] == "missing_slice"
     (broken,) = [r for r in report.rows if r["source"] == str(victim)]
     assert broken["status"] == "rejected" and broken["error_code"] in ("truncated", "not_dicom", "missing_pixel_data")
-    assert len(list((out / "volumes").iterdir())) == 4
+    assert len(list((out / "volumes").glob("*.nii.gz"))) == 4
 
 
 def test_no_identifier_reaches_the_manifest_or_the_volumes(tree, tmp_path):
@@ -210,7 +210,7 @@ def test_ingested_volumes_are_canonical_and_keep_world_geometry(tree, tmp_path):
 
 
 def test_missing_source_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(IngestError, match="does not exist"):
         ingest(tmp_path / "nope", tmp_path / "out")
 
 

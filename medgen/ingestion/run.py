@@ -32,12 +32,22 @@ from pathlib import Path
 from typing import Any
 
 from medgen.config import IngestConfig
-from medgen.errors import InputError, UnreadableFileError, error_class
+from medgen.errors import (
+    IngestError,
+    InputError,
+    InternalError,
+    ManifestError,
+    TooLargeError,
+    UnreadableFileError,
+    error_class,
+)
 from medgen.io.atomic import write_text_atomic
-from medgen.io.dicom.series import DicomHeader, DicomSeries, read_header, read_series
+from medgen.io.dicom.series import DEFAULT_MAX_VOXELS, DicomHeader, DicomSeries, read_header, read_series
 from medgen.io.discover import discover, is_candidate, list_files
 from medgen.io.manifest import assign_split, read_rows, write_manifest
 from medgen.io.nifti import FrameMode, is_nifti, read_nifti, write_nifti
+from medgen.io.sidecar import sidecar_path, write_sidecar
+from medgen.text import printable
 
 STATE_DIR = ".medgen"
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
@@ -51,6 +61,7 @@ class IngestOptions:
     localizers: str = "drop"  # 'drop' removes LOCALIZER images mixed into a series, 'error' refuses it
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: str = "medgen"
+    max_voxels: int = DEFAULT_MAX_VOXELS  # per scan, checked on the header's claim before allocating
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -58,7 +69,13 @@ class IngestOptions:
     @classmethod
     def from_config(cls, cfg: IngestConfig) -> IngestOptions:
         """The options of a config's `ingest` section (config is below ingestion: it cannot build them)."""
-        return cls(frames=cfg.frames, localizers=cfg.localizers, split=cfg.split, split_seed=cfg.split_seed)
+        return cls(
+            frames=cfg.frames,
+            localizers=cfg.localizers,
+            split=cfg.split,
+            split_seed=cfg.split_seed,
+            max_voxels=cfg.max_voxels,
+        )
 
 
 @dataclass
@@ -103,7 +120,9 @@ class FileIndex:
     """path -> (size, mtime_ns, sha256, parsed header or error). Lets a re-run skip unchanged files.
 
     Patient identifiers never reach the index file: a header's identifiers are replaced by the
-    subject pseudonym before it is stored, and the index is tied to the salt that made them.
+    subject pseudonym, its Series and SOP Instance UIDs by keyed hashes (HMAC with the salt), before
+    it is stored, and the index is tied to the salt that made them. Grouping needs only equality of
+    UIDs, which the keyed hashes keep.
     """
 
     def __init__(self, path: Path, salt: str):
@@ -140,7 +159,12 @@ class FileIndex:
         path = entry.pop("path")
         if entry.get("header"):
             ids = entry["header"]["identifiers"]
-            entry["header"] = {**entry["header"], "identifiers": {"pseudonym": _dicom_subject_id(self.salt, ids)}}
+            entry["header"] = {
+                **entry["header"],
+                "identifiers": {"pseudonym": _dicom_subject_id(self.salt, ids)},
+                "series_uid": keyed_uid(self.salt, entry["header"]["series_uid"]),
+                "sop_instance": keyed_uid(self.salt, entry["header"]["sop_instance"]),
+            }
         self.files_read += 1
         self.bytes_read += entry.pop("nbytes")
         self.entries[path] = self.used[path] = entry
@@ -197,7 +221,14 @@ def survey_file(path: str, parse_dicom: bool) -> dict[str, Any]:
             entry["header"] = h.to_json() if h else None
         except InputError as err:
             entry["error"] = {"code": err.code, "reason": err.reason}
+        except Exception as e:  # a parser bug on one hostile file is that file's row, never the batch's end
+            entry["error"] = {"code": InternalError.code, "reason": f"{type(e).__name__}: {e}"}
     return entry
+
+
+def keyed_uid(salt: str, uid: str) -> str:
+    """A UID as stored in the file index: HMAC-keyed, so equality survives and the UID does not."""
+    return "k-" + _digest(salt, "uid:" + uid) if uid else ""
 
 
 def _salt(state: Path, salt: str | None) -> str:
@@ -262,8 +293,10 @@ def _series_source(series: DicomSeries) -> str:
     return paths[0] if len(paths) == 1 else os.path.commonpath(paths)
 
 
-def find_units(sources: Sequence[Path], index: FileIndex, pool: cf.Executor | None = None) -> tuple[list[Unit], int]:
-    files = list_files(sources)
+def find_units(
+    sources: Sequence[Path], index: FileIndex, pool: cf.Executor | None = None, exclude: Sequence[Path] = ()
+) -> tuple[list[Unit], int]:
+    files = list_files(sources, exclude=exclude)
     if pool is not None:  # read and parse the changed files in parallel; discovery then finds them indexed
         stale = [str(f) for f in files if is_candidate(f) and f.exists() and index.fresh(f) is None]
         kinds = [not is_nifti(f) for f in stale]
@@ -315,21 +348,33 @@ def convert_unit(unit: Unit, scan_id: str, out_dir: str, options: IngestOptions)
 
     Module-level so worker processes can run it.
     """
-    if unit.error is not None:
-        return [_rejected(scan_id, unit.error)]
     modality = unit.series.modality if unit.series else ""
     try:
-        if unit.kind == "dicom":
-            volumes = [read_series(unit.series, where=unit.source, localizers=options.localizers)]  # type: ignore[arg-type]
-        else:
-            volumes = read_nifti(unit.source, frames=options.frames)
+        return _convert(unit, scan_id, out_dir, options)
     except InputError as e:
         return [_rejected(scan_id, e, modality)]
+    except MemoryError:
+        return [_rejected(scan_id, TooLargeError(unit.source, "ran out of memory converting this scan"), modality)]
+    except Exception as e:  # one scan's unexpected failure is its row, not the batch's end
+        return [_rejected(scan_id, InternalError(unit.source, f"{type(e).__name__}: {e}"), modality)]
+
+
+def _convert(unit: Unit, scan_id: str, out_dir: str, options: IngestOptions) -> list[dict[str, str]]:
+    if unit.error is not None:
+        raise unit.error
+    if unit.kind == "dicom":
+        assert unit.series is not None
+        volumes = [
+            read_series(unit.series, where=unit.source, localizers=options.localizers, max_voxels=options.max_voxels)
+        ]
+    else:
+        volumes = read_nifti(unit.source, frames=options.frames, max_voxels=options.max_voxels)
     rows = []
     for t, vol in enumerate(volumes):
         sid = f"{scan_id}-t{t:04d}" if len(volumes) > 1 else scan_id
         canon = vol.as_closest_canonical()
         rel = f"volumes/{sid}.nii.gz"
+        write_sidecar(canon, Path(out_dir) / rel, source_kind=unit.kind)  # first: a volume never lacks its sidecar
         write_nifti(canon, Path(out_dir) / rel)
         rows.append(
             {
@@ -376,6 +421,7 @@ class IngestPlan:
     n_units: int
     ignored: int
     t0: float
+    existing: list[dict[str, str]] = dataclasses.field(default_factory=list)  # the manifest found on disk
 
 
 @contextlib.contextmanager
@@ -407,10 +453,8 @@ def plan_ingest(
     t0 = time.perf_counter()
     options = options or IngestOptions()
     srcs = [Path(sources)] if isinstance(sources, (str, Path)) else [Path(s) for s in sources]
-    for s in srcs:
-        if not s.exists() and not s.is_symlink():
-            raise FileNotFoundError(f"ingest source does not exist: {s}")
     out_dir = Path(out)
+    check_sources(srcs, out_dir)
     state = out_dir / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
     (out_dir / "volumes").mkdir(exist_ok=True)
@@ -418,14 +462,15 @@ def plan_ingest(
     key = _salt(state, salt)
     index = FileIndex(state / "file_index.json", key)
 
-    previous: dict[str, list[dict[str, str]]] = {}
+    existing = _own_rows(manifest_path)
     options_file = state / "options.json"
     same_options = options_file.exists() and options_file.read_text() == options.fingerprint()
-    if manifest_path.exists() and same_options and not force:
-        for r in read_rows(manifest_path):
+    previous: dict[str, list[dict[str, str]]] = {}
+    if same_options and not force:
+        for r in existing:
             previous.setdefault(_base_id(r["scan_id"]), []).append(r)
 
-    units, ignored = find_units(srcs, index, pool)
+    units, ignored = find_units(srcs, index, pool, exclude=[out_dir])
     reused: list[dict[str, str]] = []
     todo: list[tuple[Unit, str]] = []
     for u in units:
@@ -439,7 +484,39 @@ def plan_ingest(
             reused.extend(prev)
             continue
         todo.append((u, scan_id))
-    return IngestPlan(out_dir, manifest_path, options, key, index, reused, todo, len(units), ignored, t0)
+    # Before any volume is rewritten, the manifest stops naming the ones that will be: a kill -9
+    # during conversion then leaves a manifest whose every row matches the file it names.
+    redo = {sid for _, sid in todo}
+    if any(_base_id(r["scan_id"]) in redo and r["output_path"] for r in existing):
+        write_manifest([r for r in existing if _base_id(r["scan_id"]) not in redo], manifest_path)
+    return IngestPlan(out_dir, manifest_path, options, key, index, reused, todo, len(units), ignored, t0, existing)
+
+
+def check_sources(sources: Sequence[Path], out_dir: Path) -> None:
+    """Refuse what would make ingest read its own output or lose the user's files: a missing
+    source, or a source inside the output folder (OUT or OUT/volumes given as a source). An output
+    folder inside a source is fine: the survey leaves it out."""
+    out_abs = out_dir.resolve()
+    for s in sources:
+        if not s.exists() and not s.is_symlink():
+            raise IngestError(f"ingest source does not exist: {printable(str(s))}")
+        sa = s.resolve()
+        if sa == out_abs or out_abs in sa.parents:
+            raise IngestError(
+                f"ingest source {printable(str(s))} lies inside the output folder {printable(str(out_dir))}: "
+                "ingest writes and prunes that folder, so it cannot read from it; choose another --out"
+            )
+
+
+def _own_rows(manifest_path: Path) -> list[dict[str, str]]:
+    """The rows of this folder's manifest: ingest's own record of the volumes it wrote. A manifest
+    that cannot be read gives no record, so nothing is deleted on its word."""
+    if not manifest_path.exists():
+        return []
+    try:
+        return read_rows(manifest_path)
+    except (ManifestError, OSError, UnicodeDecodeError, KeyError, ValueError):
+        return []
 
 
 def label_rows(plan: IngestPlan, unit: Unit, converted: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -462,15 +539,19 @@ def finish_ingest(plan: IngestPlan, converted_rows: list[dict[str, str]]) -> Ing
     """Write the manifest (reused + converted rows) and the state; drop volumes no row names."""
     rows = plan.reused + converted_rows
     out_dir = plan.out_dir
-    # Volumes this directory holds but the new manifest does not name (a scan that vanished or is
-    # now rejected) are removed, so volumes/ always matches manifest.csv.
-    keep = {r["output_path"] for r in rows if r["output_path"]}
-    for f in (out_dir / "volumes").glob("*.nii.gz"):
-        if f"volumes/{f.name}" not in keep:
-            f.unlink()
     write_manifest(rows, plan.manifest_path)
     plan.index.save()
     write_text_atomic(out_dir / STATE_DIR / "options.json", plan.options.fingerprint())
+    # Volumes the old manifest named and the new one does not (a scan that vanished or is now
+    # rejected) are removed after the new manifest is in place. Only those: ingest deletes files
+    # its own records say it wrote, never whatever else lies in volumes/.
+    keep = {r["output_path"] for r in rows if r["output_path"]}
+    for r in plan.existing:
+        rel = r["output_path"]
+        if rel and rel not in keep:
+            for f in (out_dir / rel, sidecar_path(out_dir / rel)):
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
     return IngestReport(
         out_dir=out_dir,
         manifest_path=plan.manifest_path,

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medgen.errors import InputError
+from medgen.errors import InputError, InternalError
 from medgen.io.dicom.series import DicomHeader, DicomSeries, dicomdir_files, group_series, looks_like_dicom, read_header
 from medgen.io.nifti import is_nifti
 
@@ -26,15 +26,24 @@ class Found:
     ignored: list[Path] = field(default_factory=list)
 
 
-def list_files(paths: Iterable[str | Path]) -> list[Path]:
+def list_files(paths: Iterable[str | Path], exclude: Iterable[str | Path] = ()) -> list[Path]:
     """Files under `paths`, recursively and in a stable order; a DICOMDIR given directly is expanded
-    to the files it references. Broken links are kept (they are reported as unreadable)."""
+    to the files it references. Broken links are kept (they are reported as unreadable). Files under
+    an `exclude` folder are left out (ingest's own output folder, when it lies inside a source)."""
+    skip = [Path(e).resolve() for e in exclude]
+
+    def kept(q: Path) -> bool:
+        if not skip:
+            return True
+        parent = q.parent.resolve()  # the link itself, not its target, decides where a file lies
+        return not any(parent == e or e in parent.parents for e in skip)
+
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*") if q.is_file() or (q.is_symlink() and not q.exists())))
+            files.extend(sorted(q for q in p.rglob("*") if (q.is_file() or (q.is_symlink() and not q.exists())) and kept(q)))
         elif p.is_file() and p.name.upper() == "DICOMDIR":
-            files.extend(dicomdir_files(p))
+            files.extend(f for f in dicomdir_files(p) if kept(f))
         else:
             files.append(p)
     return list(dict.fromkeys(files))
@@ -62,6 +71,9 @@ def discover(
             h = header_reader(f)
         except InputError as e:
             found.bad_files.append(e)
+            continue
+        except Exception as e:  # a parser failure on one hostile file is that file's row
+            found.bad_files.append(InternalError(f, f"{type(e).__name__}: {e}"))
             continue
         if h is None:
             found.ignored.append(f)

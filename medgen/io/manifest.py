@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from medgen.errors import ManifestError
 from medgen.io.atomic import write_text_atomic
 from medgen.io.schemas import load_schema
+from medgen.text import neutralise_cell, restore_cell
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,13 +62,13 @@ def write_manifest(rows: list[dict[str, str]], path: str | Path) -> Path:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows({k: neutralise_cell(v) for k, v in r.items()} for r in rows)
     return write_text_atomic(path, buf.getvalue())
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
-        rows = [dict(r) for r in csv.DictReader(f)]
+        rows = [{k: restore_cell(v) if isinstance(v, str) else v for k, v in r.items()} for r in csv.DictReader(f)]
     validate_rows(rows, str(path))
     return rows
 

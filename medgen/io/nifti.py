@@ -20,13 +20,17 @@ from medgen.errors import (
     EmptyFileError,
     EmptyVolumeError,
     FourDimensionalError,
+    InvalidHeaderError,
     InvalidValuesError,
     NotAVolumeError,
     ShearedAffineError,
+    TooLargeError,
+    TruncatedFileError,
     UnreadableFileError,
     UnsupportedImageError,
 )
 from medgen.io.atomic import atomic_path
+from medgen.io.sidecar import read_sidecar
 from medgen.volume import SourceInfo, Volume, VolumeMeta
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -116,7 +120,68 @@ def check_values(data: np.ndarray, path: str | Path) -> None:
         raise EmptyVolumeError(path, f"every voxel has the same value ({lo:g})")
 
 
-def read_nifti(path: str | Path, *, frames: FrameMode = "error") -> list[Volume]:
+DEFAULT_MAX_VOXELS = 2**27  # 512^3 voxels per scan (all frames together) unless the caller raises it
+_CHUNK = 1 << 22
+
+
+def _read_voxels(img, path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """The voxel array, read in a bounded stream rather than through nibabel's proxy.
+
+    A header can claim any size. Reading exactly the claimed bytes into a buffer allocated once (and
+    checked against the ceiling before) means a 69-byte gzip claiming 2048^3 or a bomb that inflates
+    far past its claim costs nothing; a stream that ends early or runs on is refused, naming the file.
+    """
+    import gzip
+    import zlib
+
+    proxy = img.dataobj  # nibabel's ArrayProxy knows the real offset, dtype and scaling; we only read
+    dtype = np.dtype(proxy.dtype)
+    count = int(np.prod(img.shape, dtype=np.int64))
+    need = count * dtype.itemsize
+    offset = int(proxy.offset)
+    compressed = str(path).lower().endswith(".gz")
+    if not compressed and path.stat().st_size < offset + need:
+        raise TruncatedFileError(
+            path, f"file holds {max(path.stat().st_size - offset, 0)} voxel bytes, the header ({img.shape}) needs {need}"
+        )
+    raw = np.empty(count, dtype=dtype)
+    view = memoryview(raw.view(np.uint8))
+    try:
+        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+            skip = offset
+            while skip:
+                got = len(f.read(min(skip, _CHUNK)))
+                if not got:
+                    raise TruncatedFileError(path, "file ends before its voxel data begins")
+                skip -= got
+            done = 0
+            while done < need:
+                n = f.readinto(view[done : min(need, done + _CHUNK)])
+                if not n:
+                    raise TruncatedFileError(
+                        path, f"voxel data ends after {done} of {need} bytes the header ({img.shape}) claims"
+                    )
+                done += n
+            if f.read(1):
+                raise InvalidHeaderError(
+                    path, f"more data follows the {need} voxel bytes the header ({img.shape}) claims; its size is wrong"
+                )
+    except (OSError, EOFError, zlib.error) as e:
+        raise UnreadableFileError(path, f"voxel data cannot be read ({type(e).__name__}: {e})") from e
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    arr = raw.reshape(img.shape, order="F")
+    data = arr if arr.dtype == np.dtype(np.float32) else arr.astype(np.float32)
+    del raw, arr
+    if slope != 1.0:
+        data *= np.float32(slope)
+    if inter != 0.0:
+        data += np.float32(inter)
+    return data.reshape(shape, order="F")
+
+
+def read_nifti(
+    path: str | Path, *, frames: FrameMode = "error", max_voxels: int = DEFAULT_MAX_VOXELS
+) -> list[Volume]:
     """Read a NIfTI file into one Volume, or one per frame of a 4D file when `frames='split'`."""
     import nibabel as nib
 
@@ -150,15 +215,18 @@ def read_nifti(path: str | Path, *, frames: FrameMode = "error") -> list[Volume]
             f"4D image with {shape[3]} frames (shape {img.shape}); ingest with frames='split' for one volume per frame",
         )
 
+    claimed = int(np.prod(img.shape, dtype=np.int64))
+    if claimed > max_voxels:
+        raise TooLargeError(
+            path, f"the header claims {claimed:,} voxels (shape {img.shape}); the ceiling is {max_voxels:,} (ingest.max_voxels)"
+        )
     affine, notes = _choose_affine(img, path)
     check_orthogonal(affine, path)
-    try:
-        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
-    except Exception as e:
-        raise UnreadableFileError(path, f"voxel data cannot be read ({type(e).__name__}: {e})") from e
+    data = _read_voxels(img, path, shape)
 
-    modality = guess_modality(path)
-    units = "HU" if modality == "CT" else "a.u."
+    side = read_sidecar(path)
+    modality = side.get("Modality") or guess_modality(path)
+    units = side.get("Units") or ("HU" if modality == "CT" else "a.u.")
     stacks = [data] if data.ndim == 3 else [data[..., t] for t in range(data.shape[3])]
     volumes = []
     for t, stack in enumerate(stacks):

@@ -32,6 +32,7 @@ from medgen.errors import (
     EmptyFileError,
     GantryTiltError,
     InputError,
+    InvalidHeaderError,
     MissingGeometryError,
     MissingPixelDataError,
     MissingSliceError,
@@ -40,9 +41,11 @@ from medgen.errors import (
     NonUniformSpacingError,
     NotAVolumeError,
     NotDicomError,
+    TooLargeError,
     TruncatedFileError,
     UnreadableFileError,
     UnsupportedImageError,
+    UnsupportedObjectError,
 )
 from medgen.io.nifti import check_values
 from medgen.volume import SourceInfo, Volume, VolumeMeta
@@ -57,6 +60,13 @@ ORIENTATION_TOL = 1e-4  # direction cosine difference between slices
 SPACING_REL_TOL = 0.01  # a slice step may differ from the median step by 1%...
 SPACING_ABS_TOL = 1e-3  # ...or by 1 micron, whichever is larger
 DRIFT_FRACTION = 0.05  # in-plane drift over the whole stack, as a fraction of a pixel (gantry tilt)
+
+# DICOM objects that are not image volumes, by Modality (their SOP classes say so too; the modality
+# catches private or unknown SOP classes carrying them).
+NON_VOLUME_MODALITIES = frozenset({"RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "SEG", "SR", "PR", "KO", "REG", "RWV",
+                                   "DOC", "FID", "PLAN", "AU", "ECG", "HD", "RESP", "IVOCT_REPORT", "SMR"})
+MAX_HEADER_DIM = 65535
+DEFAULT_MAX_VOXELS = 2**27  # 512^3: the per-scan ceiling (ingest.max_voxels) unless a caller raises it  # Rows/Columns are US (16-bit) in DICOM
 
 # Patient/study identifiers kept (privately) to derive a pseudonymous subject id.
 _IDENTIFIER_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID")
@@ -193,9 +203,41 @@ def _floats(value: Any, n: int) -> tuple[float, ...] | None:
     return out if len(out) == n and all(np.isfinite(out)) else None
 
 
+def _number(ds: Any, kw: str, default: float, path: str | Path) -> float:
+    """A numeric header value; missing/empty -> default, anything else that is not a finite number
+    is an `InvalidHeaderError` naming the tag (a RescaleSlope of 'abc' must not become 1.0 silently,
+    nor a bare ValueError that stops a batch)."""
+    try:
+        v = ds.get(kw) if ds is not None else None
+    except Exception as e:  # a bogus VR fails when pydicom converts the raw element
+        raise InvalidHeaderError(path, f"{kw} cannot be parsed ({type(e).__name__}: {e})") from e
+    if v is None or (isinstance(v, (str, bytes)) and not str(v).strip()):
+        return default
+    try:
+        if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue":
+            v = v[0]
+        f = float(v)
+    except (TypeError, ValueError, IndexError) as e:
+        raise InvalidHeaderError(path, f"{kw} is not a number ({str(v)[:40]!r})") from e
+    if not np.isfinite(f):
+        raise InvalidHeaderError(path, f"{kw} is not finite ({f})")
+    return f
+
+
+def _count(ds: Any, kw: str, default: int, path: str | Path, lo: int = 0, hi: int = 2**31 - 1) -> int:
+    """A non-negative integer header value within [lo, hi]."""
+    f = _number(ds, kw, default, path)
+    if f != int(f) or not lo <= f <= hi:
+        raise InvalidHeaderError(path, f"{kw} = {f:g} is not an integer in [{lo}, {hi}]")
+    return int(f)
+
+
 def _str(ds: Any, kw: str) -> str:
-    v = ds.get(kw)
-    return "" if v is None else str(v).strip()
+    try:
+        v = ds.get(kw)
+        return "" if v is None else str(v).strip()
+    except Exception:  # a bogus VR fails when pydicom converts the raw element: treat as absent
+        return ""
 
 
 def _first_item(seq_owner: Any, kw: str) -> Any:
@@ -203,7 +245,7 @@ def _first_item(seq_owner: Any, kw: str) -> Any:
     return seq[0] if seq else None
 
 
-def _enhanced_frames(ds: Any) -> tuple[SliceGeometry, ...]:
+def _enhanced_frames(ds: Any, path: str | Path) -> tuple[SliceGeometry, ...]:
     """Per-frame geometry and rescale of an enhanced multi-frame file (per-frame overrides shared)."""
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
@@ -223,8 +265,8 @@ def _enhanced_frames(ds: Any) -> tuple[SliceGeometry, ...]:
                 position=_floats(pos.get("ImagePositionPatient") if pos else None, 3),
                 orientation=_floats(ori.get("ImageOrientationPatient") if ori else None, 6),
                 pixel_spacing=_floats(meas.get("PixelSpacing") if meas else None, 2),
-                slope=float(pvt.get("RescaleSlope", 1.0) or 1.0) if pvt else 1.0,
-                intercept=float(pvt.get("RescaleIntercept", 0.0) or 0.0) if pvt else 0.0,
+                slope=_number(pvt, "RescaleSlope", 1.0, path) if pvt else 1.0,
+                intercept=_number(pvt, "RescaleIntercept", 0.0, path) if pvt else 0.0,
             )
         )
     return tuple(frames)
@@ -234,11 +276,7 @@ def header_from_dataset(ds: Any, path: str | Path, pixel_offset: int | None = No
     """Summarise a parsed dataset (pixels not needed)."""
     meta = getattr(ds, "file_meta", None)
     sop_class = _str(ds, "SOPClassUID") or (_str(meta, "MediaStorageSOPClassUID") if meta else "")
-    frames_raw = ds.get("NumberOfFrames")
-    try:
-        frames = int(frames_raw) if frames_raw not in (None, "") else 1
-    except (TypeError, ValueError):
-        frames = 1
+    frames = max(1, _count(ds, "NumberOfFrames", 1, path))
     modality = _str(ds, "Modality").upper() or "OT"
     rescale_type = _str(ds, "RescaleType").upper()
     if not rescale_type and "SharedFunctionalGroupsSequence" in ds:
@@ -257,36 +295,41 @@ def header_from_dataset(ds: Any, path: str | Path, pixel_offset: int | None = No
             position=_floats(ds.get("ImagePositionPatient"), 3),
             orientation=_floats(ds.get("ImageOrientationPatient"), 6),
             pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
-            slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-            intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+            slope=_number(ds, "RescaleSlope", 1.0, path),
+            intercept=_number(ds, "RescaleIntercept", 0.0, path),
         )
+        if classic.slope == 0.0:
+            raise InvalidHeaderError(path, "RescaleSlope is 0: every voxel would read the same value")
     try:
-        tilt = float(ds.get("GantryDetectorTilt", 0.0) or 0.0)
-    except (TypeError, ValueError):
-        tilt = 0.0
+        tilt = _number(ds, "GantryDetectorTilt", 0.0, path)
+    except InvalidHeaderError:
+        tilt = 0.0  # informative only: the geometry check measures the shear itself
     image_type = tuple(str(v).strip() for v in (ds.get("ImageType") or ()))
+    bits = _count(ds, "BitsAllocated", 16, path, lo=1, hi=64)
+    if bits not in (1, 8, 16, 32, 64):
+        raise InvalidHeaderError(path, f"BitsAllocated = {bits} (DICOM allows 1, 8, 16, 32 or 64)")
     return DicomHeader(
         path=str(path),
         sop_class=sop_class,
         sop_instance=_str(ds, "SOPInstanceUID"),
         series_uid=_str(ds, "SeriesInstanceUID"),
         modality=modality,
-        rows=int(ds.get("Rows") or 0),
-        columns=int(ds.get("Columns") or 0),
+        rows=_count(ds, "Rows", 0, path, hi=MAX_HEADER_DIM),
+        columns=_count(ds, "Columns", 0, path, hi=MAX_HEADER_DIM),
         frames=frames,
         image_type=image_type,
         photometric=_str(ds, "PhotometricInterpretation").upper(),
-        samples_per_pixel=int(ds.get("SamplesPerPixel") or 1),
+        samples_per_pixel=_count(ds, "SamplesPerPixel", 1, path, lo=1, hi=4),
         transfer_syntax=_str(meta, "TransferSyntaxUID") if meta is not None else "",
         rescale_type=rescale_type,
         units=units,
         gantry_tilt=tilt,
         slice=classic,
-        enhanced_frames=_enhanced_frames(ds) if enhanced else (),
+        enhanced_frames=_enhanced_frames(ds, path) if enhanced else (),
         identifiers={t: _str(ds, t) for t in _IDENTIFIER_TAGS},
-        bits_allocated=int(ds.get("BitsAllocated") or 16),
-        bits_stored=int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16),
-        pixel_representation=int(ds.get("PixelRepresentation") or 0),
+        bits_allocated=bits,
+        bits_stored=_count(ds, "BitsStored", bits, path, lo=1, hi=bits),
+        pixel_representation=_count(ds, "PixelRepresentation", 0, path, hi=1),
         has_modality_lut="ModalityLUTSequence" in ds,
         pixel_offset=pixel_offset,
     )
@@ -322,13 +365,57 @@ def read_header(path: str | Path, data: bytes | None = None) -> DicomHeader | No
         raise NotDicomError(path, f"DICOM header cannot be parsed ({type(e).__name__}: {e})") from e
     meta = getattr(ds, "file_meta", None)
     if meta is not None and _str(meta, "MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
-        return None
-    if not ds.get("Rows") or not ds.get("Columns"):
-        sop = _str(ds, "SOPClassUID") or (_str(meta, "MediaStorageSOPClassUID") if meta is not None else "")
-        if "Image" not in pydicom.uid.UID(sop).name:
-            return None  # not an image object: structured report, RT structure set, presentation state...
-        # An image object without Rows: kept in its series so the series is refused with this file named.
-    return header_from_dataset(ds, path, _pixel_value_offset(data, fp.tell(), ds))
+        return None  # a DICOMDIR is an index of the tree, not an object of its own
+    try:
+        _refuse_non_volume(ds, meta, path)
+        header = header_from_dataset(ds, path, _pixel_value_offset(data, fp.tell(), ds))
+    except InputError:
+        raise
+    except Exception as e:  # a value pydicom cannot convert (bogus VR, odd multiplicity...)
+        raise InvalidHeaderError(path, f"header values cannot be read ({type(e).__name__}: {e})") from e
+    _check_pixel_bytes(header, data, fp.tell(), path)
+    return header
+
+
+def _refuse_non_volume(ds: Any, meta: Any, path: Path) -> None:
+    """RT dose/structure/plan, SEG, SR, presentation states... are rows of their own, not scans."""
+    import pydicom
+
+    sop = _str(ds, "SOPClassUID") or (_str(meta, "MediaStorageSOPClassUID") if meta is not None else "")
+    uid = pydicom.uid.UID(sop)
+    name = uid.name if sop else ""
+    known = bool(sop) and name != sop
+    modality = _str(ds, "Modality").upper()
+    if modality in NON_VOLUME_MODALITIES or (known and "Image" not in name):
+        what = name if known else (f"SOP class {sop}" if sop else "an object without SOP class")
+        raise UnsupportedObjectError(
+            path, f"{what} (Modality {modality or 'unset'}) is not an image volume; set aside, not converted"
+        )
+
+
+def _check_pixel_bytes(h: DicomHeader, data: bytes, stop: int, path: Path) -> None:
+    """Refuse, before any pixel is allocated, a file whose pixels are absent or fewer than its header
+    claims: a partial transfer must be a row of its own, not a hole in its series, and a 1 KB file
+    claiming 65535x65535 pixels must not cost gigabytes."""
+    ended = stop >= len(data)
+    if ended and (not h.rows or not h.columns):
+        raise TruncatedFileError(
+            path, "the file ends inside its header (no Rows/Columns, no PixelData): a partial copy or transfer"
+        )
+    if not h.rows or not h.columns:
+        return  # an image object without Rows: its series is refused by read_series, naming it
+    if ended:
+        raise MissingPixelDataError(path, "no PixelData element (the file ends after its header)")
+    if h.pixel_offset is None or h.transfer_syntax not in NATIVE_LITTLE_ENDIAN:
+        return  # compressed or big-endian: the decoder checks (after the voxel ceiling has)
+    need = h.rows * h.columns * h.frames * h.samples_per_pixel * h.bits_allocated // 8
+    have = len(data) - h.pixel_offset
+    if have < need:
+        raise TruncatedFileError(
+            path,
+            f"pixel data is {max(have, 0)} bytes, the header ({h.rows}x{h.columns}x{h.frames}, "
+            f"{h.bits_allocated} bits) needs {need} (truncated file or inflated header)",
+        )
 
 
 def _pixel_value_offset(data: bytes, pos: int, ds: Any) -> int | None:
@@ -420,7 +507,14 @@ def check_stack(
     if np.abs(spacings - spacings[0]).max() > SPACING_ABS_TOL:
         raise MixedImageSizeError(where, "slices have different PixelSpacing")
 
-    row = ori[0, :3] / np.linalg.norm(ori[0, :3])
+    rn, cn = np.linalg.norm(ori[0, :3]), np.linalg.norm(ori[0, 3:])
+    if min(rn, cn) < 0.5 or abs(ori[0, :3].dot(ori[0, 3:])) > 0.01 * rn * cn:
+        raise MissingGeometryError(
+            where,
+            f"{_name(labels[0])} has a degenerate ImageOrientationPatient {tuple(ori[0])} "
+            "(row and column cosines must be unit vectors at right angles)",
+        )
+    row = ori[0, :3] / rn
     col = ori[0, 3:] - ori[0, 3:].dot(row) * row  # orthonormalise the (6-digit) cosines
     col /= np.linalg.norm(col)
     normal = np.cross(row, col)
@@ -576,17 +670,30 @@ def _volume(data_kji: np.ndarray, geom: StackGeometry, series: DicomSeries, note
         source=SourceInfo(kind="dicom", path=where, files=series.paths, identifiers=identifiers),
         notes=tuple(notes) + geom.notes,
     )
-    return Volume(data, LPS_TO_RAS @ geom.affine_lps, meta)
+    try:
+        return Volume(data, LPS_TO_RAS @ geom.affine_lps, meta)
+    except ValueError as e:  # e.g. a spacing so extreme the affine is singular
+        raise MissingGeometryError(where, f"the slices do not define a usable grid ({e})") from e
 
 
-def read_series(series: DicomSeries, *, where: str | None = None, localizers: str = "drop") -> Volume:
+def read_series(
+    series: DicomSeries, *, where: str | None = None, localizers: str = "drop", max_voxels: int = DEFAULT_MAX_VOXELS
+) -> Volume:
     """Assemble one checked volume from a series (classic slices or one enhanced multi-frame file).
 
     `localizers`: 'drop' removes images whose ImageType says LOCALIZER from a series that also has
-    axial/other images (and notes it); 'error' refuses such a series.
+    axial/other images (and notes it); 'error' refuses such a series. `max_voxels` is checked on
+    what the headers claim, before any pixel buffer is allocated.
     """
     where = where or (os.path.dirname(series.headers[0].path) if len(series.headers) > 1 else series.headers[0].path)
-    headers = list(series.headers)
+    headers, notes = _unique_instances(series.headers)
+    claimed = sum(h.rows * h.columns * h.frames for h in headers)
+    if claimed > max_voxels:
+        raise TooLargeError(
+            where,
+            f"the headers claim {claimed:,} voxels ({len(headers)} image(s) of {headers[0].rows}x{headers[0].columns}); "
+            f"the ceiling is {max_voxels:,} (ingest.max_voxels)",
+        )
     for h in headers:
         if not h.rows or not h.columns:
             raise MissingPixelDataError(
@@ -596,7 +703,6 @@ def read_series(series: DicomSeries, *, where: str | None = None, localizers: st
     if headers[0].is_multiframe:
         return _read_enhanced(series, where)
 
-    notes: list[str] = []
     locs = [h for h in headers if h.is_localizer]
     if locs and len(locs) < len(headers):
         if localizers == "error":
@@ -622,6 +728,21 @@ def read_series(series: DicomSeries, *, where: str | None = None, localizers: st
             )
         data[k] = _rescale(arr, ds)
     return _volume(data, geom, series, notes, where)
+
+
+def _unique_instances(headers: Sequence[DicomHeader]) -> tuple[list[DicomHeader], list[str]]:
+    """Drop extra copies of one SOP instance (the same UID twice in a tree: a copied file). A UID
+    names one instance, so the copies are one slice, not a duplicate position."""
+    seen: dict[str, DicomHeader] = {}
+    out, dropped = [], []
+    for h in headers:
+        if h.sop_instance and h.sop_instance in seen and h.slice == seen[h.sop_instance].slice:
+            dropped.append(h)
+            continue
+        seen.setdefault(h.sop_instance, h)
+        out.append(h)
+    notes = [f"ignored {len(dropped)} extra copy(ies) of an instance: {', '.join(_name(h.path) for h in dropped)}"]
+    return out, notes if dropped else []
 
 
 def _rescale(arr: np.ndarray, ds: Any) -> np.ndarray:
