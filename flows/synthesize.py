@@ -79,7 +79,7 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
     run = Path(out or cfg.orchestration.run_dir / "synthetic")
     device = cfg.orchestration.torchrun.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = {
-        "sampler": model_sampler(generator, g.sampler),
+        "sampler": model_sampler(generator, g.sampler, g.steps),
         "steps": g.steps,
         "seed": g.seed,
         "batch_size": g.batch_size,

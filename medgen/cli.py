@@ -230,14 +230,27 @@ def generate(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Run folder: volumes/synthetic_NNNN.nii.gz and synthesis.json.")
     ] = Path("synthetic"),
-    sampler: Annotated[Sampler | None, typer.Option(help="Default: the model's own scheduler.")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Sampling steps (DDPM is usually run with 1000).")] = 50,
+    sampler: Annotated[
+        Sampler | None,
+        typer.Option(help="Default: the config's `generate.sampler`, else ddim (rflow for a rectified-flow model)."),
+    ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Sampling steps (default: the config's, else 50; DDPM needs all it was trained with)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Sample i of a seed is the same whatever the batch size.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1)] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Memory only: the samples do not change.")] = 1,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Config whose `generate` section sets sampler and steps.")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
 ) -> None:
     """Generate synthetic volumes (NIfTI, model geometry and units) into a run folder for `medgen validate`."""
-    _run_generate(model, n, out, sampler.value if sampler else None, steps, seed, batch_size, device)
+    g = _load_config(config).generate if config else None
+    chosen = sampler.value if sampler else (g.sampler if g else None)
+    _run_generate(model, n, out, chosen, steps or (g.steps if g else 50), seed, batch_size, device)
 
 
 def _run_generate(
@@ -329,11 +342,14 @@ def export(
         ExportFormatOption,
         typer.Option("--format", "-f", help="nifti (with .provenance.json) or dicom (a series per volume)."),
     ] = ExportFormatOption.nifti,
+    overwrite: Annotated[
+        bool, typer.Option(help="Write into a non-empty folder medgen did not export to (its files are kept).")
+    ] = False,
 ) -> None:
     """Export the volumes that passed the gate, atomically and idempotently, with provenance sidecars."""
     from medgen.export.exporter import export_run
 
-    r = export_run(run, out, format.value)
+    r = export_run(run, out, format.value, overwrite=overwrite)
     _console().print(
         f"exported {len(r.exported)} volume(s) as {r.format} -> {out}"
         + (f"; not exported (failed the gate): {', '.join(r.skipped)}" if r.skipped else "")
@@ -386,12 +402,34 @@ def denoise(
             help="auto (bf16 on CUDA, fp32 on CPU), bf16 (also on a CPU with native bf16: ~1.9x faster), fp16, fp32."
         ),
     ] = PrecisionKind.auto,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an existing output file, or write into a folder medgen did not write.")
+    ] = False,
 ) -> None:
     """Denoise a scan with the score model; NIfTI out, or a DERIVED DICOM series for DICOM input."""
+    from medgen.denoising.batch import WRITER
     from medgen.denoising.denoiser import denoise_detailed
+    from medgen.errors import DenoiseError
     from medgen.io.load import load_volume
+    from medgen.io.ownership import check_output
+    from medgen.text import printable
 
+    is_nifti_out = out.name.endswith((".nii", ".nii.gz"))
+    if not is_nifti_out and out.suffix and not out.is_dir():
+        raise DenoiseError(
+            f"--out {printable(str(out))}: a NIfTI output ends in .nii or .nii.gz; a folder (for the DICOM "
+            "series of a DICOM scan, or denoised.nii.gz) has no suffix"
+        )
     vol = load_volume(scan)
+    src = vol.meta.source
+    to_dicom = src is not None and src.kind == "dicom" and not is_nifti_out
+    nifti = None if to_dicom else (out if is_nifti_out else out / "denoised.nii.gz")
+    inputs = [scan, *(Path(f) for f in (src.files if src else ()))]
+    # checked before the (slow) denoising, and again by write_denoised just before writing
+    if to_dicom:
+        check_output(out, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=True)
+    else:
+        check_output(nifti, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=False)  # type: ignore[arg-type]
     r = denoise_detailed(
         vol,
         model=model,
@@ -406,10 +444,7 @@ def denoise(
     from medgen.denoising.batch import write_denoised
 
     console = _console()
-    is_nifti_out = out.name.endswith((".nii", ".nii.gz"))
-    to_dicom = vol.meta.source is not None and vol.meta.source.kind == "dicom" and not is_nifti_out
-    nifti = None if to_dicom else (out if is_nifti_out else out / "denoised.nii.gz")
-    for p in write_denoised(vol, r.volume, r.std, nifti=nifti, dicom=out if to_dicom else None):
+    for p in write_denoised(vol, r.volume, r.std, nifti=nifti, dicom=out if to_dicom else None, overwrite=overwrite):
         console.print(
             f"-> {p}" + (" (new DICOM series, ImageType DERIVED\\SECONDARY)" if p == out and to_dicom else "")
         )
@@ -418,8 +453,37 @@ def denoise(
     )
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> int:
+    """The console entry point: every MedgenError becomes one clear message and exit status 1 (a
+    traceback only with --debug, or MEDGEN_DEBUG=1); usage errors exit 2 as click does."""
+    import os
+    import sys
+
+    import click
+
+    from medgen.errors import MedgenError, user_message
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("MEDGEN_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    try:
+        rc = app(args=args, prog_name="medgen", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        rc = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        rc = e.exit_code
+    except click.exceptions.Abort:
+        print("medgen: aborted", file=sys.stderr)
+        rc = 130
+    except MedgenError as e:
+        if debug:
+            raise
+        print(user_message(e), file=sys.stderr)
+        rc = 1
+    if argv is None:
+        sys.exit(rc or 0)
+    return int(rc or 0)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,14 @@ Later stages (training, generation, the gate) add their sections beside `ingest`
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medgen.errors import ConfigError
+
+# Network widths: bounded, so a model folder's metadata cannot ask for a network of any size.
+Channels = Annotated[tuple[Annotated[int, Field(ge=1, le=2048)], ...], Field(min_length=1, max_length=8)]
 
 
 class _Strict(BaseModel):
@@ -113,11 +116,11 @@ class PerceptualConfig(_Strict):
 class AutoencoderNetworkConfig(_Strict):
     """The KL autoencoder's architecture: all a model folder needs to rebuild it (no training section)."""
 
-    channels: tuple[int, ...] = (32, 64, 64)
-    latent_channels: int = Field(3, ge=1)
-    num_res_blocks: int = Field(1, ge=1)
+    channels: Channels = (32, 64, 64)
+    latent_channels: int = Field(3, ge=1, le=64)
+    num_res_blocks: int = Field(1, ge=1, le=8)
     attention_levels: tuple[bool, ...] = (False, False, False)
-    norm_num_groups: int = Field(16, ge=1)
+    norm_num_groups: int = Field(16, ge=1, le=128)
     nonlocal_attention: bool = False  # MONAI's encoder/decoder mid-block attention (costly at 3D)
 
     @property
@@ -149,15 +152,15 @@ class DiffusionNetworkConfig(_Strict):
 
     scheduler: Literal["ddpm", "ddim", "rflow"] = "ddpm"  # ddpm/ddim train alike; rflow is rectified flow
     prediction: Literal["epsilon", "v_prediction"] = "epsilon"  # ignored by rflow (velocity)
-    num_train_timesteps: int = Field(1000, ge=10)
+    num_train_timesteps: int = Field(1000, ge=10, le=10000)
     beta_schedule: Literal["linear_beta", "scaled_linear_beta"] = "scaled_linear_beta"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
-    channels: tuple[int, ...] = (32, 64, 64)
+    channels: Channels = (32, 64, 64)
     attention_levels: tuple[bool, ...] = (False, True, True)
-    num_res_blocks: int = Field(1, ge=1)
-    num_head_channels: int = Field(8, ge=1)
-    norm_num_groups: int = Field(16, ge=1)
+    num_res_blocks: int = Field(1, ge=1, le=8)
+    num_head_channels: int = Field(8, ge=1, le=512)
+    norm_num_groups: int = Field(16, ge=1, le=128)
 
 
 class DiffusionConfig(DiffusionNetworkConfig):
@@ -167,7 +170,7 @@ class DiffusionConfig(DiffusionNetworkConfig):
 
 
 class GenerateConfig(_Strict):
-    sampler: Literal["ddpm", "ddim", "rflow"] | None = None  # None: the model's own scheduler
+    sampler: Literal["ddpm", "ddim", "rflow"] | None = None  # None: ddim (rflow for a rectified-flow model)
     steps: int = Field(50, ge=1)
     batch_size: int = Field(1, ge=1)
     decode_roi: tuple[int, int, int] | None = None  # latent window for sliding-window decoding
@@ -183,12 +186,12 @@ class ScoreNetworkConfig(_Strict):
     99.5th percentile is 1); `linear_beta` reaches the low-noise end, `scaled_linear_beta` does not.
     """
 
-    channels: tuple[int, ...] = (16, 32, 32)
+    channels: Channels = (16, 32, 32)
     attention_levels: tuple[bool, ...] = (False, False, False)
-    num_res_blocks: int = Field(1, ge=1)
-    num_head_channels: int = Field(16, ge=1)
-    norm_num_groups: int = Field(8, ge=1)
-    num_train_timesteps: int = Field(1000, ge=10)
+    num_res_blocks: int = Field(1, ge=1, le=8)
+    num_head_channels: int = Field(16, ge=1, le=512)
+    norm_num_groups: int = Field(8, ge=1, le=128)
+    num_train_timesteps: int = Field(1000, ge=10, le=10000)
     beta_schedule: Literal["linear_beta", "scaled_linear_beta"] = "linear_beta"
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -219,7 +222,7 @@ class DenoiserConfig(ScoreNetworkConfig):
 class FeatureEncoderConfig(_Strict):
     """The project's own 3D feature encoder for FID/KID/MMD (contrastive, on the training split)."""
 
-    channels: tuple[int, ...] = (16, 32, 64)
+    channels: Channels = (16, 32, 64)
     steps: int = Field(150, ge=1)
     batch_size: int = Field(8, ge=2)
     lr: float = Field(2e-3, gt=0)
@@ -344,20 +347,59 @@ class PipelineConfig(_Strict):
             raise ConfigError(f"config {self.name!r} lacks section(s): {', '.join(missing)}")
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 16  # real configs nest 3 deep; a YAML nested 500 deep is an attack, not a config
+
+
+def _depth(raw: object) -> int:
+    """Nesting depth, without recursion (so a hostile file cannot exhaust the stack here)."""
+    deepest, stack = 0, [(raw, 1)]
+    while stack:
+        node, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > MAX_CONFIG_DEPTH:
+            break
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return deepest
+
+
 def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a YAML config. Every failure is one `ConfigError` naming the file.
+
+    Validation is strict about types: YAML's `true` is not an integer (`steps: true` is refused,
+    not taken as 1) and a number is not a string; values go through JSON first so lists still fill
+    tuples and strings fill paths.
+    """
+    import json
+
     import yaml
 
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes is not a config (limit {MAX_CONFIG_BYTES})")
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except ConfigError:
+        raise
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    except RecursionError as e:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
+    if _depth(raw) > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"{path}: nested more than {MAX_CONFIG_DEPTH} levels deep; a config nests 3 or 4")
     try:
-        return PipelineConfig.model_validate(raw)
+        text = json.dumps(raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: holds a value that is not plain data ({e}); quote dates and times") from e
+    try:
+        return PipelineConfig.model_validate_json(text, strict=True)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise ConfigError(f"{path}: {problems}") from e

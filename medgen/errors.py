@@ -12,9 +12,23 @@ from pathlib import Path
 class MedgenError(Exception):
     """Base of every error medgen raises on purpose."""
 
+    hint = ""  # what the user can do about it: shown by the CLI and the flows' entry points
+
+
+def user_message(err: MedgenError) -> str:
+    """One clear message for a person: code, file and reason, and what to do. Control characters
+    from file names are escaped (a name can hold terminal escape sequences)."""
+    from medgen.text import printable
+
+    code = getattr(err, "code", None) or type(err).__name__
+    text = f"medgen: error [{code}] {printable(str(err))}"
+    return text + (f"\n  what to do: {err.hint}" if err.hint else "")
+
 
 class InputError(MedgenError):
     """A scan that cannot become a trustworthy volume. `path` names it, `reason` says why."""
+
+    hint = "fix or replace this file (`medgen ingest` records it as a rejected row and goes on)"
 
     code = "invalid_input"
 
@@ -165,6 +179,14 @@ class ManifestError(MedgenError):
 class DenoiseError(MedgenError, ValueError):
     """A denoising request that cannot be honoured (bad sigma, method, n_samples...)."""
 
+    hint = "correct the argument named above (`medgen denoise --help` lists them)"
+
+
+class SamplingError(MedgenError, ValueError):
+    """A sampling request the model cannot honour (a sampler it was not trained for, too few DDPM steps)."""
+
+    hint = "use --sampler ddim for few steps (or rflow for a rectified-flow model)"
+
 
 class RunError(MedgenError):
     """A folder that is not a usable synthesis run (missing or altered files)."""
@@ -173,6 +195,8 @@ class RunError(MedgenError):
 class BundleError(MedgenError):
     """A model folder that is incomplete, altered, or of an unknown format."""
 
+    hint = "point at a folder written by `medgen train` (or the shipped default), unaltered"
+
 
 class ValidationError(MedgenError):
     """A run that cannot be validated (no training manifest, too few real volumes, ...)."""
@@ -180,6 +204,10 @@ class ValidationError(MedgenError):
 
 class ExportError(MedgenError):
     """An export refused: the run is not validated, its batch failed, or the target is unusable."""
+
+    hint = (
+        "only a run whose batch passed `medgen validate` is exported: generate again or adjust the gate in the config"
+    )
 
 
 class TrainingDivergedError(MedgenError):
@@ -193,10 +221,16 @@ class NoTrainingDataError(MedgenError):
 class IngestError(MedgenError):
     """An ingest that cannot start: a source that does not exist, or lies inside the output folder."""
 
+    hint = "check the source paths and choose an --out outside them"
+
 
 class OutputExistsError(MedgenError):
     """An output folder or file that holds something medgen did not write (or is the input itself)."""
 
+    hint = "choose a new or empty --out, or pass --overwrite (medgen then replaces only its own earlier output)"
+
 
 class ConfigError(MedgenError):
     """A config file that cannot be used; the message names the file and every bad field."""
+
+    hint = "correct the named field(s); configs/demo.yaml is a complete example"

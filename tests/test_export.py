@@ -260,7 +260,9 @@ def test_a_killed_export_leaves_no_visible_partial_file(passing_run, tmp_path):
     visible = [q for q in out.iterdir() if not q.name.startswith(".")]
     # the first volume is complete (series + sidecar); the second was killed mid-series: invisible
     first = v.result.passing[0]
-    assert sorted(q.name for q in visible) == sorted([first, f"{first}.provenance.json"])
+    # export.json is the in-progress claim written before the first file (the re-run's record)
+    assert sorted(q.name for q in visible) == sorted(["export.json", first, f"{first}.provenance.json"])
+    assert json.loads((out / "export.json").read_text())["in_progress"] is True
     assert len(list((out / first).glob("*.dcm"))) == n_slices
     assert any(q.name.startswith(".") for q in out.iterdir())  # the hidden partial is there
     export_run(run_dir, out, "dicom")  # a re-run finishes the job and sweeps the partial away

@@ -219,11 +219,25 @@ def test_altered_bundle_is_refused(trained, tmp_path):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_same_seed_same_sample_whatever_the_batch_size(trained, sampler):
     gen = load_generator(trained)
-    one = generate(gen, 3, sampler=sampler, steps=5, seed=11, batch_size=1)
-    three = generate(gen, 3, sampler=sampler, steps=5, seed=11, batch_size=3)
+    # DDPM runs its whole trained chain (fewer steps are refused, below); DDIM takes a few
+    steps = gen.diffusion_cfg.num_train_timesteps if sampler == "ddpm" else 5
+    n = 2 if sampler == "ddpm" else 3
+    one = generate(gen, n, sampler=sampler, steps=steps, seed=11, batch_size=1)
+    three = generate(gen, n, sampler=sampler, steps=steps, seed=11, batch_size=n)
     for x, y in zip(one, three):
         np.testing.assert_allclose(x.data, y.data, rtol=0, atol=1e-3 * (np.abs(x.data).max() + 1))
     assert not np.allclose(one[0].data, one[1].data)
+
+
+def test_ddpm_with_fewer_steps_than_trained_is_refused_and_the_default_is_ddim(trained):
+    from medgen.errors import SamplingError
+
+    gen = load_generator(trained)
+    assert gen.diffusion_cfg.scheduler == "ddpm"
+    with pytest.raises(SamplingError, match="DDPM samples with all"):
+        generate(gen, 1, sampler="ddpm", steps=50)
+    (vol,) = generate(gen, 1, steps=3)
+    assert "ddim-3" in vol.meta.notes[0]
 
 
 def test_rflow_model_trains_and_samples_deterministically(manifest, tmp_path):

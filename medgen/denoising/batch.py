@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medgen.errors import InputError
+from medgen.io.atomic import staging_dir
 from medgen.io.nifti import write_nifti
+from medgen.io.ownership import check_output, record_output
 from medgen.volume import Volume
 
 
@@ -69,16 +71,33 @@ def find_scans(sources: list[str | Path]) -> list[ScanRef]:
 
 
 def write_denoised(
-    source: Volume, denoised: Volume, std: Volume | None, *, nifti: Path | None, dicom: Path | None
+    source: Volume,
+    denoised: Volume,
+    std: Volume | None,
+    *,
+    nifti: Path | None,
+    dicom: Path | None,
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write the NIfTI (and its uncertainty map `_std`) at `nifti`, and, when the source was DICOM,
-    a new DERIVED series of the same patient and study into the folder `dicom`."""
+    a new DERIVED series of the same patient and study into the folder `dicom`.
+
+    Nothing of the user's is replaced: an output that is the source, an existing NIfTI file, or a
+    non-empty folder medgen did not write is refused (`OutputExistsError`) unless `overwrite`, and
+    even then only medgen's own earlier files in the folder are removed. Checked before writing.
+    """
+    src = source.meta.source
+    inputs = [Path(src.path), *map(Path, src.files)] if src is not None else []
+    if nifti is not None:
+        check_output(nifti, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=False)
+    old_dicom: list[str] = []
+    if dicom is not None:
+        old_dicom = check_output(dicom, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=True)
     written = []
     if nifti is not None:
         written.append(write_nifti(denoised, nifti))
         if std is not None:
             written.append(write_nifti(std, nifti.with_name(nifti.name.replace(".nii", "_std.nii"))))
-    src = source.meta.source
     if dicom is not None and src is not None and src.kind == "dicom":
         from medgen.io.dicom.write import SOP_CLASS, write_series
 
@@ -88,20 +107,49 @@ def write_denoised(
                 src.path,
                 f"a derived DICOM series is written for CT and MR only, this scan is {source.meta.modality or 'of no modality'}: write NIfTI",
             )
-
-        ids = src.identifiers
-        # A denoised scan is the same patient's scan: it keeps the patient and study, gets a new series.
-        write_series(
-            denoised,
-            dicom,
-            modality=source.meta.modality,
-            patient={k: ids[k] for k in ("PatientName", "PatientID", "PatientBirthDate") if ids.get(k)},
-            study_uid=ids.get("StudyInstanceUID") or None,
-            series_description="medgen denoised",
-            image_type=("DERIVED", "SECONDARY"),
-        )
+        tmp = staging_dir(dicom)
+        paths = write_series(denoised, tmp, series_description="medgen denoised", **derived_from(source))
+        _merge_into(tmp, dicom, old_dicom)
+        record_output(dicom, [p.name for p in paths], WRITER)
         written.append(dicom)
     return written
+
+
+WRITER = "medgen denoise"
+
+
+def derived_from(source: Volume) -> dict:
+    """`write_series` arguments that make a derived series of `source`: the same patient, study and
+    frame of reference (it lies on the source's exact grid), new series and instances."""
+    from medgen.io.dicom.write import STUDY_ATTRIBUTES
+
+    ids = source.meta.source.identifiers if source.meta.source is not None else {}
+    return {
+        "modality": source.meta.modality,
+        "patient": {k: ids[k] for k in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex") if ids.get(k)},
+        "study": {k: ids[k] for k in STUDY_ATTRIBUTES if ids.get(k)},
+        "study_uid": ids.get("StudyInstanceUID") or None,
+        "frame_of_reference_uid": ids.get("FrameOfReferenceUID") or None,
+        "image_type": ("DERIVED", "SECONDARY"),
+    }
+
+
+def _merge_into(tmp: Path, final: Path, old: list[str]) -> None:
+    """Move the finished series from `tmp` into `final`, after removing medgen's own earlier files
+    there (and only those): a folder of the user's keeps its files, ours is replaced whole."""
+    import os
+    import shutil
+
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    for name in old:
+        p = final / name
+        if p.is_file():
+            p.unlink()
+    for p in sorted(tmp.iterdir()):
+        os.replace(p, final / p.name)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def denoise_scan(

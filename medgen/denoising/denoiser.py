@@ -95,12 +95,28 @@ def _as_volume(scan: str | Path | Volume | np.ndarray, spacing: tuple[float, flo
         return load_volume(scan)
     arr = np.asarray(scan)
     where = f"array of shape {arr.shape}"
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise DenoiseError(
+            f"{where}: dtype {arr.dtype} is not a real-valued image (complex, bool and object arrays are refused)"
+        )
     if arr.ndim == 4:
         raise FourDimensionalError(where, "4D input; denoise one 3D volume at a time")
     if arr.ndim != 3 or min(arr.shape) <= 1:
         raise NotAVolumeError(where, "not a 3D volume")
     sp = spacing or (1.0, 1.0, 1.0)
     return Volume(arr.astype(np.float32), np.diag([*sp, 1.0]), VolumeMeta())
+
+
+def _check_magnitude(vol: Volume, where: str) -> None:
+    """Rician noise is the noise of magnitude images: values >= 0 by construction. Data with
+    meaningful negative values (a CT in HU, a phase or difference map) is not magnitude data, and the
+    Rician bias correction sqrt(x^2 - sigma^2) would fold -1000 HU into +900."""
+    lo = float(vol.data.min())
+    if vol.meta.units == "HU" or lo < -1e-6 * max(float(np.abs(vol.data).max()), 1.0):
+        raise DenoiseError(
+            f"{where}: noise='rician' is for magnitude MR (values >= 0); this scan has "
+            f"{'Hounsfield units' if vol.meta.units == 'HU' else f'negative values (min {lo:.4g})'}: use noise='gaussian'"
+        )
 
 
 class _Net:
@@ -205,12 +221,19 @@ def denoise_detailed(
         raise DenoiseError(f"noise must be 'gaussian' or 'rician', not {noise!r}")
     if method not in ("tweedie", "posterior"):
         raise DenoiseError(f"method must be 'tweedie' or 'posterior', not {method!r}")
-    if n_samples < 1:
-        raise DenoiseError(f"n_samples must be >= 1, got {n_samples}")
-    if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
-        raise DenoiseError(f"sigma must be a positive number, got {sigma}")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+        raise DenoiseError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    if sigma is not None:
+        # bool is an int to Python: sigma=True must not mean 1.0; a string or complex is refused too
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.integer, np.floating)):
+            raise DenoiseError(f"sigma must be a real positive number, got {type(sigma).__name__} {sigma!r}")
+        if not (sigma > 0 and math.isfinite(sigma)):
+            raise DenoiseError(f"sigma must be a positive finite number, got {sigma}")
     vol = _as_volume(scan, spacing)
-    check_values(vol.data, vol.meta.source.path if vol.meta.source else f"volume of shape {vol.shape}")
+    where = vol.meta.source.path if vol.meta.source else f"volume of shape {vol.shape}"
+    check_values(vol.data, where)
+    if noise == "rician":
+        _check_magnitude(vol, where)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sm = model if isinstance(model, ScoreModel) else load_score_model(model, device=dev)
     sm.unet.to(dev)

@@ -98,8 +98,34 @@ def _sidecar(
     return doc
 
 
-def export_run(run: str | Path, out: str | Path, fmt: ExportFormat = "nifti") -> ExportResult:
-    """Export the passing volumes of validated run `run` into `out`."""
+def _check_target(run: Path, out: Path, overwrite: bool) -> None:
+    from medgen.errors import OutputExistsError
+    from medgen.text import printable
+
+    r, o = run.resolve(), out.resolve()
+    if r == o or o in r.parents or r in o.parents:
+        raise OutputExistsError(
+            f"{printable(str(out))}: the export folder and the run {printable(str(run))} overlap; export outside the run"
+        )
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{printable(str(out))} is a file, not a folder")
+    if out.is_dir() and not (out / "export.json").exists() and any(out.iterdir()) and not overwrite:
+        first = next(out.iterdir()).name
+        raise OutputExistsError(
+            f"{printable(str(out))} is not empty and holds no earlier medgen export (e.g. {printable(first)}); "
+            "choose an empty folder, or pass --overwrite to export into it (its files are kept)"
+        )
+
+
+def export_run(
+    run: str | Path, out: str | Path, fmt: ExportFormat = "nifti", *, overwrite: bool = False
+) -> ExportResult:
+    """Export the passing volumes of validated run `run` into `out`.
+
+    `out` may be new, empty, or an earlier export (it holds export.json): then it is brought up to
+    date. A folder holding anything else, or one that is (or holds, or lies in) the run, is refused
+    with `OutputExistsError`; `overwrite=True` writes into a foreign folder anyway, keeping its files.
+    """
 
     from medgen.io.dicom.write import SOP_CLASS, write_series
     from medgen.io.nifti import read_nifti, write_nifti
@@ -126,12 +152,19 @@ def export_run(run: str | Path, out: str | Path, fmt: ExportFormat = "nifti") ->
             f"{run}: the generator makes {gen_meta['modality']} volumes and DICOM export writes CT or MR image "
             "storage only (a volume is not relabelled); export as nifti"
         )
+    _check_target(run, out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     _clean_partials(out)
     previous = (
         json.loads((out / "export.json").read_text()).get("exported", []) if (out / "export.json").exists() else []
     )
     verdicts = {v["name"]: v for v in report["volumes"]}
+    # Claim the folder before the first file lands: a kill -9 mid-export then leaves a folder whose
+    # record names everything it may hold, so the re-run knows these files are its own.
+    names = sorted(set(previous) | {e.name for e in record.volumes if verdicts[e.name]["passed"]})
+    write_text_atomic(
+        out / "export.json", json.dumps({"format": "medgen-export", "in_progress": True, "exported": names})
+    )
     created = dt.datetime.fromisoformat(record.created)
     exported, skipped = [], []
     for entry in record.volumes:

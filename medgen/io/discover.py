@@ -41,7 +41,9 @@ def list_files(paths: Iterable[str | Path], exclude: Iterable[str | Path] = ()) 
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*") if (q.is_file() or (q.is_symlink() and not q.exists())) and kept(q)))
+            files.extend(
+                sorted(q for q in p.rglob("*") if (q.is_file() or (q.is_symlink() and not q.exists())) and kept(q))
+            )
         elif p.is_file() and p.name.upper() == "DICOMDIR":
             files.extend(f for f in dicomdir_files(p) if kept(f))
         else:

@@ -142,12 +142,13 @@ def _read_voxels(img, path: Path, shape: tuple[int, ...]) -> np.ndarray:
     compressed = str(path).lower().endswith(".gz")
     if not compressed and path.stat().st_size < offset + need:
         raise TruncatedFileError(
-            path, f"file holds {max(path.stat().st_size - offset, 0)} voxel bytes, the header ({img.shape}) needs {need}"
+            path,
+            f"file holds {max(path.stat().st_size - offset, 0)} voxel bytes, the header ({img.shape}) needs {need}",
         )
     raw = np.empty(count, dtype=dtype)
     view = memoryview(raw.view(np.uint8))
     try:
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
             skip = offset
             while skip:
                 got = len(f.read(min(skip, _CHUNK)))
@@ -179,9 +180,7 @@ def _read_voxels(img, path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return data.reshape(shape, order="F")
 
 
-def read_nifti(
-    path: str | Path, *, frames: FrameMode = "error", max_voxels: int = DEFAULT_MAX_VOXELS
-) -> list[Volume]:
+def read_nifti(path: str | Path, *, frames: FrameMode = "error", max_voxels: int = DEFAULT_MAX_VOXELS) -> list[Volume]:
     """Read a NIfTI file into one Volume, or one per frame of a 4D file when `frames='split'`."""
     import nibabel as nib
 
@@ -218,7 +217,8 @@ def read_nifti(
     claimed = int(np.prod(img.shape, dtype=np.int64))
     if claimed > max_voxels:
         raise TooLargeError(
-            path, f"the header claims {claimed:,} voxels (shape {img.shape}); the ceiling is {max_voxels:,} (ingest.max_voxels)"
+            path,
+            f"the header claims {claimed:,} voxels (shape {img.shape}); the ceiling is {max_voxels:,} (ingest.max_voxels)",
         )
     affine, notes = _choose_affine(img, path)
     check_orthogonal(affine, path)

@@ -11,7 +11,6 @@ pickled code, so loading never executes anything from the file.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,13 @@ from medgen.config import (
     DiffusionNetworkConfig,
 )
 from medgen.datasets.preprocess import IntensityMap, model_affine
-from medgen.models.folder import BundleError, read_model_folder, write_model_folder  # noqa: F401 (BundleError re-exported)
+from medgen.models.folder import (  # noqa: F401 (BundleError re-exported)
+    BundleError,
+    build_checked,
+    read_metadata,
+    read_model_folder,
+    write_model_folder,
+)
 
 FORMAT = "medgen-generator"
 FORMAT_VERSION = 1
@@ -95,18 +100,20 @@ def save_generator(
 def generator_metadata(path: str | Path) -> dict[str, Any]:
     """A generator folder's configs/metadata.json (no weights loaded): what validation, export and
     the flows need to know about a model without building its networks."""
-    meta_path = Path(path) / "configs" / "metadata.json"
-    if not meta_path.exists():
-        raise BundleError(f"{path}: not a generator folder (no configs/metadata.json)")
-    return json.loads(meta_path.read_text())
+    return read_metadata(path, "generator folder")
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
     """Load and verify a generator folder (file hashes must match its metadata)."""
-    from medgen.models.networks import build_autoencoder, build_unet
 
     path = Path(path)
     meta, states = read_model_folder(path, FORMAT, FORMAT_VERSION)
+    return build_checked(path, lambda: _build_generator(path, meta, states, device))
+
+
+def _build_generator(path: Path, meta: dict[str, Any], states: dict[str, Any], device) -> Generator:
+    from medgen.models.networks import build_autoencoder, build_unet
+
     acfg = AutoencoderNetworkConfig.from_metadata(meta["autoencoder"])
     dcfg = DiffusionNetworkConfig.model_validate(meta["diffusion"])
     data_cfg = DataConfig.model_validate(meta["preprocessing"]["data"])

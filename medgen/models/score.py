@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from medgen.config import ScoreNetworkConfig
-from medgen.models.folder import read_model_folder, write_model_folder
+from medgen.models.folder import build_checked, read_model_folder, write_model_folder
 
 FORMAT = "medgen-score-model"
 FORMAT_VERSION = 1
@@ -100,7 +100,11 @@ def load_score_model(path: str | Path | None = None, device: str | torch.device 
     """Load a score-model folder (the shipped default when `path` is None), checking file hashes."""
     path = Path(path) if path is not None else default_model_path()
     meta, states = read_model_folder(path, FORMAT, FORMAT_VERSION)
-    cfg = ScoreNetworkConfig.model_validate(meta["denoiser"])
-    unet = build_score_unet(cfg)
-    unet.load_state_dict(states["score"])
-    return ScoreModel(path, unet.to(device).eval(), cfg, NoiseSchedule(cfg), meta)
+
+    def build() -> ScoreModel:
+        cfg = ScoreNetworkConfig.model_validate(meta["denoiser"])
+        unet = build_score_unet(cfg)
+        unet.load_state_dict(states["score"])
+        return ScoreModel(path, unet.to(device).eval(), cfg, NoiseSchedule(cfg), meta)
+
+    return build_checked(path, build)

@@ -108,11 +108,13 @@ def write_record(
     return record
 
 
-def model_sampler(generator: str | Path, sampler: str | None) -> str:
-    """The sampler a run will use: the given one, or the generator's own scheduler."""
+def model_sampler(generator: str | Path, sampler: str | None, steps: int = 50) -> str:
+    """The sampler a run will use (see `medgen.synthesis.sampler.resolve_sampler`)."""
     from medgen.models.bundle import generator_metadata
+    from medgen.synthesis.sampler import resolve_sampler
 
-    return sampler or generator_metadata(generator)["diffusion"]["scheduler"]
+    d = generator_metadata(generator)["diffusion"]
+    return resolve_sampler(d["scheduler"], int(d.get("num_train_timesteps", 1000)), sampler, steps)
 
 
 def synthesize(
@@ -129,7 +131,7 @@ def synthesize(
 ) -> SynthesisRecord:
     """Generate `n` volumes into the run folder `out` and write its record (synthesis.json), the
     input of `validate_run` and `export_run`. For volumes in memory only, use `medgen.generate`."""
-    sampler = model_sampler(generator, sampler)
+    sampler = model_sampler(generator, sampler, steps)
     entries = generate_volumes(
         generator,
         list(range(n)),

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from medgen.errors import SamplingError
 from medgen.models.bundle import Generator
 from medgen.models.networks import build_scheduler
 from medgen.seeding import keyed_generator
@@ -65,6 +66,24 @@ def denoise_latents(
     return z
 
 
+def resolve_sampler(scheduler: str, train_timesteps: int, sampler: str | None, steps: int) -> str:
+    """The sampler to use: the asked one, else DDIM for a DDPM/DDIM-trained model (same noise
+    process, deterministic, tens of steps) and RFlow for a rectified-flow model.
+
+    DDPM with fewer steps than it was trained with is refused: its ancestral step assumes the full
+    chain, and 50 of 1000 steps give a noisy sample that then fails the quality gate.
+    """
+    chosen = sampler or ("rflow" if scheduler == "rflow" else "ddim")
+    if (chosen == "rflow") != (scheduler == "rflow"):
+        raise SamplingError(f"a model trained with {scheduler} cannot sample with {chosen}")
+    if chosen == "ddpm" and steps < train_timesteps:
+        raise SamplingError(
+            f"DDPM samples with all {train_timesteps} timesteps it was trained with, not {steps}; "
+            "use sampler ddim for fewer steps (the same model, deterministic)"
+        )
+    return chosen
+
+
 def generate(
     generator: Generator,
     n: int,
@@ -84,7 +103,7 @@ def generate(
     synthesis run folder (volumes + a record) that `validate_run` and `export_run` accept.
 
     `sampler`: 'ddpm' or 'ddim' for a model trained with ddpm/ddim, 'rflow' for rectified flow;
-    None uses the model's own. Sample i for a seed is the same whatever `batch_size`, and whatever
+    None: ddim, or rflow for a rectified-flow model (`resolve_sampler`). Sample i for a seed is the same whatever `batch_size`, and whatever
     other samples are generated with it: `indices` picks which samples (default 0..n-1), so a set
     can be generated in parallel pieces.
     """
@@ -94,7 +113,9 @@ def generate(
     dev = torch.device(device) if device is not None else next(generator.unet.parameters()).device
     generator.autoencoder.to(dev)
     generator.unet.to(dev)
-    sampler = sampler or generator.diffusion_cfg.scheduler
+    sampler = resolve_sampler(
+        generator.diffusion_cfg.scheduler, generator.diffusion_cfg.num_train_timesteps, sampler, steps
+    )
     shape = generator.latent_shape
     affine = generator.affine
     out: list[Volume] = []

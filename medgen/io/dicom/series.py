@@ -63,13 +63,51 @@ DRIFT_FRACTION = 0.05  # in-plane drift over the whole stack, as a fraction of a
 
 # DICOM objects that are not image volumes, by Modality (their SOP classes say so too; the modality
 # catches private or unknown SOP classes carrying them).
-NON_VOLUME_MODALITIES = frozenset({"RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "SEG", "SR", "PR", "KO", "REG", "RWV",
-                                   "DOC", "FID", "PLAN", "AU", "ECG", "HD", "RESP", "IVOCT_REPORT", "SMR"})
+NON_VOLUME_MODALITIES = frozenset(
+    {
+        "RTDOSE",
+        "RTSTRUCT",
+        "RTPLAN",
+        "RTRECORD",
+        "SEG",
+        "SR",
+        "PR",
+        "KO",
+        "REG",
+        "RWV",
+        "DOC",
+        "FID",
+        "PLAN",
+        "AU",
+        "ECG",
+        "HD",
+        "RESP",
+        "IVOCT_REPORT",
+        "SMR",
+    }
+)
 MAX_HEADER_DIM = 65535
-DEFAULT_MAX_VOXELS = 2**27  # 512^3: the per-scan ceiling (ingest.max_voxels) unless a caller raises it  # Rows/Columns are US (16-bit) in DICOM
+DEFAULT_MAX_VOXELS = (
+    2**27
+)  # 512^3: the per-scan ceiling (ingest.max_voxels) unless a caller raises it  # Rows/Columns are US (16-bit) in DICOM
 
 # Patient/study identifiers kept (privately) to derive a pseudonymous subject id.
-_IDENTIFIER_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID")
+# The rest of the patient, study and frame-of-reference values join a derived (denoised) series to
+# its source; the file index never stores any of them (see medgen.ingestion.run.FileIndex).
+_IDENTIFIER_TAGS = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "FrameOfReferenceUID",
+)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,16 @@ def _stored_values(data: np.ndarray) -> tuple[np.ndarray, str, str, int]:
     return stored, slope_text, intercept_text, 1
 
 
+STUDY_ATTRIBUTES = (
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDescription",
+)
+
+
 def write_series(
     volume: Volume,
     folder: str | Path,
@@ -72,6 +82,7 @@ def write_series(
     image_type: tuple[str, ...] | None = None,
     transfer_syntax: str | None = None,
     study_uid: str | None = None,
+    study: dict[str, str] | None = None,
     series_uid: str | None = None,
     frame_of_reference_uid: str | None = None,
     series_number: int = 1,
@@ -94,6 +105,9 @@ def write_series(
     not change between builds); without it every UID is new (`generate_uid`).
     `content_datetime` sets the study, series and content date/time (default: 2020-01-01 00:00 UTC
     with `uid_seed`, else now); with `uid_seed` it makes repeated writes byte-identical.
+    `study` (StudyDate, StudyTime, AccessionNumber, StudyID, ReferringPhysicianName,
+    StudyDescription) joins a derived series to its source study as the source had it; without it the
+    study is dated like the series.
     `deidentified=True` is for synthetic data with no source patient: dummy patient fields
     (SYNTHETIC), PatientIdentityRemoved YES with a DeidentificationMethod, BurnedInAnnotation and
     RecognizableVisualFeatures NO, ImageType DERIVED\\SECONDARY; `patient` may not be given then.
@@ -171,6 +185,10 @@ def write_series(
         ds.ReferringPhysicianName = ""
         ds.StudyID = "1"
         ds.AccessionNumber = ""
+        for key, value in (study or {}).items():
+            if key not in STUDY_ATTRIBUTES:
+                raise ValueError(f"study attribute {key} is not one of {', '.join(STUDY_ATTRIBUTES)}")
+            setattr(ds, key, value)
         # General Series
         ds.Modality = modality
         ds.SeriesInstanceUID = series_uid
