@@ -13,11 +13,52 @@ was reverted) is rebuilt rather than served from the cache.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from medgen.config import PipelineConfig, load_config
 from medgen.provenance import sha256_json
+
+
+def entry_point(body: Callable[[list[str]], object]) -> None:
+    """Run a flow module's `__main__` body. A MedgenError (a typo in the config, a batch that failed
+    the gate) is one message and exit status 1, not Prefect's page of traceback; --debug (or
+    MEDGEN_DEBUG=1) keeps the traceback."""
+    import logging
+    import os
+    import sys
+
+    from medgen.errors import MedgenError, user_message
+
+    args = sys.argv[1:]
+    debug = "--debug" in args or os.environ.get("MEDGEN_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    if not debug:
+        quiet = _QuietMedgenErrors()
+        for name in ("prefect", "prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(quiet)
+    try:
+        body(args)
+    except MedgenError as e:
+        if debug:
+            raise
+        print(user_message(e), file=sys.stderr)
+        sys.exit(1)
+
+
+class _QuietMedgenErrors:
+    """Drops the traceback Prefect logs for a MedgenError (the entry point prints its one message)."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        from medgen.errors import MedgenError
+
+        if isinstance(exc, MedgenError):
+            record.exc_info, record.exc_text = None, None
+            record.msg, record.args = f"{type(exc).__name__}: see the message below", ()
+        return True
+
 
 KEY_PARAM = "cache_key"  # every cached task takes its precomputed key as this parameter
 

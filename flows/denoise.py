@@ -10,7 +10,6 @@ a re-run denoises only new or changed scans (and any whose output was deleted). 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import flow, task
@@ -101,6 +100,6 @@ def denoise_flow(config_path: str, out: str | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from flows.common import with_task_runner
+    from flows.common import entry_point, with_task_runner
 
-    print(with_task_runner(denoise_flow, config(sys.argv[1]))(sys.argv[1]))
+    entry_point(lambda args: print(with_task_runner(denoise_flow, config(args[0]))(args[0])))

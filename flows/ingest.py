@@ -11,7 +11,6 @@ on a Dask cluster. The survey and the manifest stay in the flow process: they ow
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import flow, task
@@ -88,6 +87,12 @@ def ingest_flow(config_path: str) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    path = sys.argv[1] if len(sys.argv) > 1 else str(Path("configs/demo.yaml"))
+def _main(args: list[str]) -> None:
+    path = args[0] if args else str(Path("configs/demo.yaml"))
     print(with_task_runner(ingest_flow, config(path))(path))
+
+
+if __name__ == "__main__":
+    from flows.common import entry_point
+
+    entry_point(_main)

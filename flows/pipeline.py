@@ -10,13 +10,12 @@ never starts (ingestion only converts changed scans), so a scheduled run costs s
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from prefect import flow
 
-from flows.common import config, with_task_runner
+from flows.common import config, entry_point, with_task_runner
 from flows.denoise import denoise_flow
 from flows.ingest import ingest_flow
 from flows.synthesize import synthesize_flow
@@ -124,8 +123,13 @@ def print_summary(result: dict, wall: float) -> None:
     )
 
 
-if __name__ == "__main__":
-    path = sys.argv[1] if len(sys.argv) > 1 else "configs/demo.yaml"
+def _main(args: list[str]) -> None:
+    path = args[0] if args else "configs/demo.yaml"
+    config(path)  # a bad config is one ConfigError here, before Prefect starts a run
     t0 = time.perf_counter()
     result = pipeline_flow(path)
     print_summary(result, time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    entry_point(_main)

@@ -12,7 +12,6 @@ generates, validates and exports nothing; export is idempotent anyway (same byte
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import flow, task
@@ -176,6 +175,6 @@ def synthesize_flow(config_path: str, generator: str, out: str | None = None) ->
 
 
 if __name__ == "__main__":
-    from flows.common import with_task_runner
+    from flows.common import entry_point, with_task_runner
 
-    print(with_task_runner(synthesize_flow, config(sys.argv[1]))(sys.argv[1], sys.argv[2]))
+    entry_point(lambda args: print(with_task_runner(synthesize_flow, config(args[0]))(args[0], args[1])))

@@ -145,4 +145,6 @@ def train_flow(config_path: str, manifest: str, run_dir: str | None = None) -> d
 
 
 if __name__ == "__main__":
-    print(train_flow(sys.argv[1], sys.argv[2]))
+    from flows.common import entry_point
+
+    entry_point(lambda args: print(train_flow(args[0], args[1])))

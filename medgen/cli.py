@@ -70,8 +70,13 @@ def print_ingest_summary(report, console) -> None:
     import os
     from collections import Counter
 
-    from rich.markup import escape
+    from rich.markup import escape as rich_escape
     from rich.table import Table
+
+    from medgen.text import printable
+
+    def escape(text: str) -> str:  # names come from the user's files: no markup, no control characters
+        return rich_escape(printable(text))
 
     root = os.path.commonpath([r["source"] for r in report.rows]) if report.rows else ""
 
@@ -93,7 +98,7 @@ def print_ingest_summary(report, console) -> None:
         f"[bold]{len(report.accepted)} accepted[/], [bold]{len(report.rejected)} rejected[/] "
         f"(train {splits.get('train', 0)} / val {splits.get('val', 0)} / test {splits.get('test', 0)}); "
         f"{report.converted} converted, {report.reused} unchanged and skipped, {report.files_read} files read, "
-        f"{report.files_ignored} non-image files ignored, {report.seconds:.1f} s. Manifest: {report.manifest_path}"
+        f"{report.files_ignored} non-image files ignored, {report.seconds:.1f} s. Manifest: {escape(str(report.manifest_path))}"
     )
 
 

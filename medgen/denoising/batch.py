@@ -98,6 +98,7 @@ def write_denoised(
         written.append(write_nifti(denoised, nifti))
         if std is not None:
             written.append(write_nifti(std, nifti.with_name(nifti.name.replace(".nii", "_std.nii"))))
+        record_output(nifti.parent, [p.name for p in written], WRITER, add=True)  # a re-run may replace them
     if dicom is not None and src is not None and src.kind == "dicom":
         from medgen.io.dicom.write import SOP_CLASS, write_series
 

@@ -44,7 +44,7 @@ from medgen.errors import (
 from medgen.io.atomic import write_text_atomic
 from medgen.io.dicom.series import DEFAULT_MAX_VOXELS, DicomHeader, DicomSeries, read_header, read_series
 from medgen.io.discover import discover, is_candidate, list_files
-from medgen.io.manifest import assign_split, read_rows, write_manifest
+from medgen.io.manifest import assign_split, read_rows, row_problems, write_manifest
 from medgen.io.nifti import FrameMode, is_nifti, read_nifti, write_nifti
 from medgen.io.sidecar import sidecar_path, write_sidecar
 from medgen.text import printable
@@ -535,9 +535,26 @@ def label_rows(plan: IngestPlan, unit: Unit, converted: list[dict[str, str]]) ->
     return converted
 
 
+def _schema_safe(rows: list[dict[str, str]], out_dir: Path) -> list[dict[str, str]]:
+    """A row the schema refuses (a header value no check foresaw) becomes that scan's
+    internal_error row (its volume removed), so one odd scan never stops the batch's manifest."""
+    out = []
+    for r in rows:
+        problems = row_problems(r)
+        if problems:
+            err = InternalError(r.get("source", "?"), f"row failed the manifest schema ({problems})")
+            if r.get("output_path"):
+                for f in (out_dir / r["output_path"], sidecar_path(out_dir / r["output_path"])):
+                    with contextlib.suppress(FileNotFoundError):
+                        f.unlink()
+            r = {**r, **_rejected(r["scan_id"], err), "split": ""}
+        out.append(r)
+    return out
+
+
 def finish_ingest(plan: IngestPlan, converted_rows: list[dict[str, str]]) -> IngestReport:
     """Write the manifest (reused + converted rows) and the state; drop volumes no row names."""
-    rows = plan.reused + converted_rows
+    rows = plan.reused + _schema_safe(converted_rows, plan.out_dir)
     out_dir = plan.out_dir
     write_manifest(rows, plan.manifest_path)
     plan.index.save()

@@ -36,6 +36,12 @@ def _validator():
 COLUMNS: tuple[str, ...] = tuple(load_schema("manifest")["required"])
 
 
+def row_problems(row: dict[str, str]) -> str:
+    """What the schema finds wrong with one row ('' when nothing)."""
+    errors = sorted(_validator().iter_errors(row), key=lambda e: list(e.path))
+    return "; ".join(f"{'/'.join(map(str, e.path)) or '(row)'}: {e.message}" for e in errors)
+
+
 def validate_rows(rows: list[dict[str, str]], where: str = "manifest") -> None:
     """Raise ManifestError naming the first bad row and every problem in it."""
     v = _validator()

@@ -220,7 +220,12 @@ def read_nifti(path: str | Path, *, frames: FrameMode = "error", max_voxels: int
             path,
             f"the header claims {claimed:,} voxels (shape {img.shape}); the ceiling is {max_voxels:,} (ingest.max_voxels)",
         )
-    affine, notes = _choose_affine(img, path)
+    try:
+        affine, notes = _choose_affine(img, path)
+    except (ValueError, KeyError, TypeError, np.linalg.LinAlgError) as e:  # a quaternion or unit code no reader can use
+        raise InvalidHeaderError(path, f"the header's geometry cannot be read ({type(e).__name__}: {e})") from e
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InvalidHeaderError(path, "the header's affine (pixdim, srow or quaternion) is singular or not finite")
     check_orthogonal(affine, path)
     data = _read_voxels(img, path, shape)
 

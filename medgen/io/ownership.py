@@ -53,9 +53,10 @@ def check_output(out: Path, *, inputs: Sequence[Path], writer: str, overwrite: b
             "writing there would destroy the source: choose another --out"
         )
     if not is_folder:
-        if out.exists() and not overwrite:
+        if out.exists() and not overwrite and out.name not in own_files(out.parent, writer):
             raise OutputExistsError(
-                f"{printable(str(out))} exists; pass --overwrite to replace it, or choose another --out"
+                f"{printable(str(out))} exists and medgen did not write it; pass --overwrite to replace it, "
+                "or choose another --out"
             )
         return []
     if out.exists() and not out.is_dir():
@@ -73,5 +74,7 @@ def check_output(out: Path, *, inputs: Sequence[Path], writer: str, overwrite: b
     return mine
 
 
-def record_output(folder: Path, files: Iterable[str], writer: str) -> Path:
-    return write_text_atomic(folder / RECORD, json.dumps({"writer": writer, "files": sorted(set(files))}, indent=1))
+def record_output(folder: Path, files: Iterable[str], writer: str, *, add: bool = False) -> Path:
+    """Record the files `writer` wrote into `folder` (`add`: beside those it recorded before)."""
+    names = set(files) | (set(own_files(folder, writer)) if add else set())
+    return write_text_atomic(folder / RECORD, json.dumps({"writer": writer, "files": sorted(names)}, indent=1))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ NON_VOLUME_MODALITIES = frozenset(
         "SMR",
     }
 )
+_MODALITY = re.compile(r"^[A-Z0-9_]{1,16}$")  # a CS value, as the manifest schema admits it
 MAX_HEADER_DIM = 65535
 DEFAULT_MAX_VOXELS = (
     2**27
@@ -199,6 +201,7 @@ class DicomSeries:
 
     series_uid: str
     headers: tuple[DicomHeader, ...]
+    group: str = ""  # the grouping key when it is not the UID (files without SeriesInstanceUID: their folder)
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -212,6 +215,8 @@ class DicomSeries:
     def key(self) -> str:
         """Stable identity of the scan (series UID, plus SOP instance for a multi-frame file)."""
         h = self.headers[0]
+        if self.group:
+            return self.group
         return f"{self.series_uid}/{h.sop_instance}" if h.is_multiframe else self.series_uid
 
 
@@ -315,7 +320,9 @@ def header_from_dataset(ds: Any, path: str | Path, pixel_offset: int | None = No
     meta = getattr(ds, "file_meta", None)
     sop_class = _str(ds, "SOPClassUID") or (_str(meta, "MediaStorageSOPClassUID") if meta else "")
     frames = max(1, _count(ds, "NumberOfFrames", 1, path))
-    modality = _str(ds, "Modality").upper() or "OT"
+    modality = _str(ds, "Modality").upper()
+    if not _MODALITY.match(modality):
+        modality = "OT"  # absent, or not a DICOM code string ('-264.299'): unknown, as the manifest says
     rescale_type = _str(ds, "RescaleType").upper()
     if not rescale_type and "SharedFunctionalGroupsSequence" in ds:
         pvt = _first_item(_first_item(ds, "SharedFunctionalGroupsSequence"), "PixelValueTransformationSequence")
@@ -396,7 +403,9 @@ def read_header(path: str | Path, data: bytes | None = None) -> DicomHeader | No
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
     except InvalidDicomError as e:
-        raise NotDicomError(path, "not a DICOM file (no DICM preamble and no parsable header)") from e
+        ds = _without_preamble(fp)  # some exports write the bare dataset, without preamble and meta
+        if ds is None:
+            raise NotDicomError(path, "not a DICOM file (no DICM preamble and no parsable header)") from e
     except EOFError as e:
         raise TruncatedFileError(path, "header ends before it is complete (truncated file)") from e
     except Exception as e:
@@ -413,6 +422,20 @@ def read_header(path: str | Path, data: bytes | None = None) -> DicomHeader | No
         raise InvalidHeaderError(path, f"header values cannot be read ({type(e).__name__}: {e})") from e
     _check_pixel_bytes(header, data, fp.tell(), path)
     return header
+
+
+def _without_preamble(fp: io.BytesIO) -> Any:
+    """A bare dataset (no preamble, no file meta), accepted only when it names its SOP class and
+    instance: forcing a parse of a text file would otherwise 'succeed' with garbage."""
+    import pydicom
+
+    fp.seek(0)
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+        ok = "SOPClassUID" in ds and "SOPInstanceUID" in ds
+    except Exception:
+        return None
+    return ds if ok else None
 
 
 def _refuse_non_volume(ds: Any, meta: Any, path: Path) -> None:
@@ -480,12 +503,15 @@ def group_series(headers: Iterable[DicomHeader]) -> list[DicomSeries]:
     """Group image headers into scans, in a stable order (by series key)."""
     groups: dict[str, list[DicomHeader]] = {}
     for h in headers:
-        key = f"{h.series_uid}/{h.sop_instance}" if h.is_multiframe else h.series_uid
+        if not h.series_uid:  # no UID: files of one folder are one candidate series, never a tree's
+            key = f"no-series-uid:{os.path.dirname(h.path)}" + (f"/{h.path}" if h.is_multiframe else "")
+        else:
+            key = f"{h.series_uid}/{h.sop_instance}" if h.is_multiframe else h.series_uid
         groups.setdefault(key, []).append(h)
     series = []
     for key in sorted(groups):
         hs = tuple(sorted(groups[key], key=lambda h: h.path))
-        series.append(DicomSeries(series_uid=hs[0].series_uid, headers=hs))
+        series.append(DicomSeries(series_uid=hs[0].series_uid, headers=hs, group=key if not hs[0].series_uid else ""))
     return series
 
 
@@ -630,6 +656,15 @@ def _read_dataset(path: str) -> Any:
 
 
 def _pixels(ds: Any, path: str) -> np.ndarray:
+    try:
+        return _decode(ds, path)
+    except InputError:
+        raise
+    except Exception as e:  # a header pydicom's decoder trips on (a bogus transfer syntax, odd VRs)
+        raise UnsupportedImageError(path, f"pixel data cannot be decoded ({type(e).__name__}: {e})") from e
+
+
+def _decode(ds: Any, path: str) -> np.ndarray:
     ts = ds.file_meta.TransferSyntaxUID
     if not ts.is_compressed and "PixelData" in ds:
         frames = int(ds.get("NumberOfFrames") or 1)
