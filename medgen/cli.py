@@ -456,6 +456,12 @@ def denoise(
     console.print(
         f"sigma {r.sigma:.4g} {vol.meta.units} ({'estimated' if r.sigma_estimated else 'given'}), method {method.value}"
     )
+    if r.risk is not None:
+        k = r.risk
+        console.print(
+            f"estimated error (SURE, {k.covers}): MSE {k.mse_output:.4g} vs the input's {k.mse_input:.4g} "
+            f"{vol.meta.units}^2, expected gain {k.gain_db:+.2f} dB (strength {k.strength:g}, weight {k.weight:g})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

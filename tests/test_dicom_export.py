@@ -213,3 +213,35 @@ def test_repeated_export_is_byte_identical(tmp_path):
         vol, tmp_path / "c", deidentified=True, uid_seed="same", content_datetime=WHEN + dt.timedelta(days=1)
     )
     assert pydicom.dcmread(c[0]).ContentDate == "20240507"
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_a_derived_series_is_valid_and_joins_its_source(tmp_path, modality):
+    """The series `medgen denoise` writes (write_series with denoising.batch.derived_from): the
+    source's patient, study (dates, accession) and frame of reference, new series; dciodvfy-clean
+    and dcentvfy-consistent together with the source series it joins."""
+    import pydicom
+
+    from medgen.denoising.batch import derived_from
+    from medgen.io.load import load_volume
+
+    dciodvfy, dcentvfy = dicom3tools()
+    vol = ct_volume(seed=5) if modality == "CT" else make_volume((40, 36, 5), modality="MR", seed=5)
+    src_paths = write_series(
+        vol, tmp_path / "src", patient={"PatientID": "P1", "PatientName": "Doe^J", "PatientSex": "F"}
+    )
+    for p in src_paths:
+        ds = pydicom.dcmread(p)
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20190314", "101500", "ACC9"
+        ds.save_as(p)
+    source = load_volume(tmp_path / "src")
+    paths = write_series(source, tmp_path / "derived", series_description="medgen denoised", **derived_from(source))
+    a, b = pydicom.dcmread(src_paths[0]), pydicom.dcmread(paths[0])
+    for kw in ("FrameOfReferenceUID", "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "PatientSex"):
+        assert a[kw].value == b[kw].value, kw
+    assert a.SeriesInstanceUID != b.SeriesInstanceUID
+    for path in paths:
+        _, out = run([dciodvfy, str(path)])
+        assert not ERROR.findall(out), f"dciodvfy {path.name}:\n{out}"
+    _, out = run([dcentvfy, *map(str, src_paths + paths)])
+    assert not ERROR.findall(out), f"dcentvfy:\n{out}"

@@ -197,4 +197,5 @@ def denoise_scan(
         "sigma": float(r.sigma),
         "sigma_estimated": bool(r.sigma_estimated),
         "notes": notes,
+        "expected_gain_db": None if r.risk is None else float(r.risk.gain_db),
     }

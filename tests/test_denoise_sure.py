@@ -1,0 +1,69 @@
+"""SURE: the denoiser's estimate of its own error, and the never-worse strength selection (issue 13)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medgen.demo_data import phantom_mr
+from medgen.denoising.denoiser import denoise_detailed
+from medgen.denoising.sure import select, sure
+
+
+def test_sure_is_unbiased_for_a_linear_smoother():
+    """For a known linear filter the divergence is exact (its trace): the estimate must match the
+    true MSE within a few percent, over noise draws."""
+    from scipy.ndimage import uniform_filter
+
+    rng = np.random.default_rng(0)
+    x = np.clip(rng.random((48, 48, 48)), 0.2, 0.8).astype(np.float32)
+    x = uniform_filter(x, 5)
+    sigma = 0.05
+    est, true = [], []
+    for k in range(4):
+        y = x + sigma * rng.standard_normal(x.shape).astype(np.float32)
+        best, _ = select(y, lambda z, s: uniform_filter(z, 3), lambda v: v, sigma, (1.0,), seed=k)
+        est.append(best.risk)
+        true.append(float(np.mean((best.output - x) ** 2)))
+    assert abs(np.mean(est) - np.mean(true)) / np.mean(true) < 0.03
+
+
+def test_input_itself_has_risk_sigma_squared():
+    """Identity: no fit term, divergence N; the one-probe estimate is within its sampling error."""
+    rng = np.random.default_rng(1)
+    y = rng.standard_normal((64, 64, 64)).astype(np.float32)
+    probe = rng.standard_normal(y.shape).astype(np.float32)
+    assert sure(y, y, y + 1e-3 * probe, probe, 1e-3, 0.1) == pytest.approx(0.01, rel=0.02)
+
+
+@pytest.fixture(scope="module")
+def noisy_phantom():
+    clean = phantom_mr((48, 48, 40)).astype(np.float32)
+    clean = clean / np.percentile(clean, 99.5)
+    rng = np.random.default_rng(2)
+    sigma = 0.05
+    return clean, (clean + sigma * rng.standard_normal(clean.shape)).astype(np.float32), sigma
+
+
+def test_sure_of_the_network_tracks_its_true_error_on_a_phantom(noisy_phantom):
+    clean, noisy, sigma = noisy_phantom
+    r = denoise_detailed(noisy, sigma=sigma, device="cpu")
+    true = float(np.mean((r.volume.data - clean) ** 2))
+    assert r.risk is not None and r.risk.weight > 0
+    assert abs(r.risk.mse_output - true) / true < 0.1, (r.risk, true)
+    assert r.risk.mse_input == pytest.approx(sigma**2, rel=1e-3)
+    assert r.risk.gain_db > 3 and true < sigma**2 / 2
+
+
+def test_tuned_output_is_never_worse_than_the_input_on_what_the_model_never_saw(noisy_phantom):
+    """White texture (no anatomy at all): the prior would smooth it away; the tuned output must
+    not be worse than the noisy input, and SURE must say so."""
+    rng = np.random.default_rng(3)
+    clean = (0.5 + 0.3 * rng.standard_normal((40, 40, 40))).astype(np.float32)
+    sigma = 0.02
+    noisy = (clean + sigma * rng.standard_normal(clean.shape)).astype(np.float32)
+    r = denoise_detailed(noisy, sigma=sigma, device="cpu")
+    true_out = float(np.mean((r.volume.data - clean) ** 2))
+    true_in = float(np.mean((noisy - clean) ** 2))
+    assert true_out <= true_in * 1.02, (true_out, true_in, r.risk)
+    assert r.risk.mse_output <= r.risk.mse_input
