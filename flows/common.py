@@ -130,12 +130,17 @@ def task_runner(cfg: PipelineConfig):
 
     if o.dask_address:
         return DaskTaskRunner(address=o.dask_address)
+    from medgen.threads import share, thread_env
+
     return DaskTaskRunner(
         cluster_kwargs={
             "n_workers": o.dask_workers,
             "threads_per_worker": 1,
             "processes": True,
             "dashboard_address": None,
+            # each worker's torch/OpenMP gets its share of the cores (Dask's default is 1 thread each,
+            # which leaves 14 of 16 cores idle with 2 workers; torch's own default oversubscribes)
+            "env": thread_env(share(o.dask_workers)),
         }
     )
 

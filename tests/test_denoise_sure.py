@@ -67,3 +67,24 @@ def test_tuned_output_is_never_worse_than_the_input_on_what_the_model_never_saw(
     true_in = float(np.mean((noisy - clean) ** 2))
     assert true_out <= true_in * 1.02, (true_out, true_in, r.risk)
     assert r.risk.mse_output <= r.risk.mse_input
+
+
+@pytest.mark.parametrize("slab", [(2, 64, 64), (64, 3, 64)])
+def test_a_thin_slab_costs_per_voxel_about_what_a_cube_does(slab):
+    """Network voxels per input voxel (counted at the UNet's input, not timed): windows adapt per
+    axis, so a 2-voxel-thick slab is not padded to a 64-voxel window along its thin axis."""
+    from medgen.models.score import load_score_model
+
+    sm = load_score_model(device="cpu")
+    seen: list[int] = []
+    hook = sm.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].numel()))
+    rng = np.random.default_rng(4)
+    cost = {}
+    try:
+        for shape in (slab, (64, 64, 64)):
+            seen.clear()
+            denoise_detailed(rng.random(shape, dtype=np.float32), model=sm, sigma=0.05, device="cpu")
+            cost[shape] = sum(seen) / np.prod(shape)
+    finally:
+        hook.remove()
+    assert cost[slab] <= 2.0 * cost[(64, 64, 64)], cost

@@ -288,3 +288,14 @@ def test_generation_and_denoising_on_dask_equal_the_default_runner(first_run, ti
     (d,) = denoise_flow.with_options(task_runner=runner)(str(tiny), str(tmp_path / "denoised"))
     (ref,) = result["denoise"]
     assert np.array_equal(nib.load(d["outputs"][0]).get_fdata(), nib.load(ref["outputs"][0]).get_fdata())
+
+
+def test_dask_workers_get_their_share_of_the_cores(tmp_path):
+    """Each local Dask worker process starts with cores // workers threads for torch/OpenMP."""
+    from flows.common import task_runner
+    from medgen.config import PipelineConfig
+    from medgen.threads import cores
+
+    cfg = PipelineConfig.model_validate({"orchestration": {"task_runner": "dask", "dask_workers": 2}})
+    env = task_runner(cfg).cluster_kwargs["env"]
+    assert env["OMP_NUM_THREADS"] == str(max(1, cores() // 2)) == env["MKL_NUM_THREADS"]

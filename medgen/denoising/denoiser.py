@@ -354,7 +354,10 @@ def _tuned(vol, net, y_np, sm, s_asked, lo, hi, noise, strengths, seed, desc, no
         notes.append("no candidate beat the input by SURE: the scan is returned unchanged")
         note = "unchanged: denoising would not lower the estimated error"
     else:
-        note = desc + f", SURE-tuned (strength {best.strength:g}, weight {best.weight:g}, expected gain {risk.gain_db:+.2f} dB)"
+        note = (
+            desc
+            + f", SURE-tuned (strength {best.strength:g}, weight {best.weight:g}, expected gain {risk.gain_db:+.2f} dB)"
+        )
     result = vol.replace(data=out, affine=vol.affine.copy()).with_note(note, *notes)
     return DenoiseResult(result, None, [], sigma_units, estimated, tuple(notes), risk)
 

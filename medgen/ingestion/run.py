@@ -48,6 +48,7 @@ from medgen.io.manifest import assign_split, read_rows, row_problems, write_mani
 from medgen.io.nifti import FrameMode, is_nifti, read_nifti, write_nifti
 from medgen.io.sidecar import sidecar_path, write_sidecar
 from medgen.text import printable
+from medgen.threads import limit_threads, share
 
 STATE_DIR = ".medgen"
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
@@ -600,7 +601,14 @@ def ingest(
     with contextlib.ExitStack() as stack:
         stack.enter_context(ingest_lock(out))
         pool = (
-            stack.enter_context(cf.ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()))
+            stack.enter_context(
+                cf.ProcessPoolExecutor(
+                    max_workers=workers,
+                    mp_context=_mp_context(),
+                    initializer=limit_threads,
+                    initargs=(share(workers),),
+                )
+            )
             if workers > 1
             else None
         )
