@@ -96,6 +96,19 @@ def denoise_flow(config_path: str, out: str | None = None) -> list[dict]:
         for r in results
     ]
     create_table_artifact(key="denoise-summary", table=table, description="scans through medgen.denoise")
+    from prefect.artifacts import create_markdown_artifact
+
+    figures = [
+        f"### {r['scan']}\n\nexpected gain (SURE): "
+        + (f"{r['expected_gain_db']:+.2f} dB" if r.get("expected_gain_db") is not None else "n/a")
+        + f"\n\n![{r['scan']}]({Path(r['figure']).resolve().as_uri()})"
+        for r in results
+        if r.get("figure")
+    ]
+    if figures:
+        create_markdown_artifact(
+            key="denoise-figures", markdown="\n\n".join(figures), description="noisy / denoised / residual"
+        )
     return results
 
 

@@ -410,6 +410,12 @@ def denoise(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing output file, or write into a folder medgen did not write.")
     ] = False,
+    figure: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write a PNG: noisy / denoised / residual (/ uncertainty) mid-slices and the expected gain."
+        ),
+    ] = None,
 ) -> None:
     """Denoise a scan with the score model; NIfTI out, or a DERIVED DICOM series for DICOM input."""
     from medgen.denoising.batch import WRITER
@@ -435,6 +441,8 @@ def denoise(
         check_output(out, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=True)
     else:
         check_output(nifti, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=False)  # type: ignore[arg-type]
+    if figure is not None:
+        check_output(figure, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=False)
     r = denoise_detailed(
         vol,
         model=model,
@@ -456,6 +464,14 @@ def denoise(
     console.print(
         f"sigma {r.sigma:.4g} {vol.meta.units} ({'estimated' if r.sigma_estimated else 'given'}), method {method.value}"
     )
+    if figure is not None:
+        from medgen.denoising.figure import figure_title, write_figure
+
+        title = figure_title(scan.name, r.sigma, vol.meta.units, r.risk)
+        console.print(f"-> {write_figure(vol, r.volume, figure, std=r.std, title=title)}")
+        from medgen.io.ownership import record_output
+
+        record_output(figure.parent, [figure.name], WRITER, add=True)
     if r.risk is not None:
         k = r.risk
         console.print(

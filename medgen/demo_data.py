@@ -49,6 +49,9 @@ def rotation(degrees_xyz: tuple[float, float, float]) -> np.ndarray:
     return rz @ ry @ rx
 
 
+NOISY_PHANTOM_SIGMA = 0.05  # of the 99.5th percentile: the demo's noisy scan
+
+
 def phantom_ct(shape: tuple[int, int, int] = (64, 64, 48)) -> np.ndarray:
     """A 3D Shepp-Logan head phantom in plausible Hounsfield units (air -1000, brain ~40, bone ~840)."""
     import phantominator
@@ -251,6 +254,25 @@ def build_sample_data(out: str | Path, *, force: bool = False) -> list[SampleIte
             "generated: phantominator.mr_shepp_logan M0, 64x64x40, oblique",
             "MIT (phantominator)",
             "accepted: oblique MR series, JPEG 2000 Lossless",
+        )
+    )
+    # A scan that really is noisy, for the demo's denoising step (the phantoms above are noise-free:
+    # denoising them shows nothing). Simulated, and said so in its SeriesDescription.
+    sigma = NOISY_PHANTOM_SIGMA * float(np.percentile(mr, 99.5))
+    noisy = mr + sigma * np.random.default_rng(20261202).standard_normal(mr.shape).astype(np.float32)
+    write_series(
+        Volume(noisy.astype(np.float32), centred_affine((1.0, 1.0, 1.5), mr.shape), VolumeMeta(modality="MR")),
+        out / "dicom" / "phantom_mr_noisy",
+        patient={"PatientName": "PHANTOM^MR", "PatientID": "PHANTOM-MR-002", "PatientBirthDate": "19700101"},
+        series_description=f"Shepp-Logan MR phantom + simulated Gaussian noise (sigma {NOISY_PHANTOM_SIGMA:g} of p99.5)",
+        uid_seed="medgen-sample-mr-noisy",
+    )
+    items.append(
+        SampleItem(
+            "dicom/phantom_mr_noisy",
+            f"generated: phantominator.mr_shepp_logan M0 64x64x40 + Gaussian noise sigma {NOISY_PHANTOM_SIGMA:g} x p99.5 (seed 20261202)",
+            "MIT (phantominator)",
+            "accepted: MR series; the demo denoises it (DICOM in, DERIVED DICOM out)",
         )
     )
 

@@ -191,6 +191,16 @@ def denoise_scan(
         dicom = None
         notes.append(f"no derived DICOM series: written for CT and MR only, this scan is {vol.meta.modality}")
     written = write_denoised(vol, r.volume, r.std, nifti=out, dicom=dicom)
+    from medgen.denoising.figure import figure_title, write_figure
+
+    figure = write_figure(
+        vol,
+        r.volume,
+        Path(out_dir) / f"{ref.name}_denoised.png",
+        std=r.std,
+        title=figure_title(ref.name, r.sigma, vol.meta.units, r.risk),
+    )
+    record_output(Path(out_dir), [figure.name], WRITER, add=True)
     return {
         "scan": ref.name,
         "outputs": [str(p) for p in written],
@@ -198,4 +208,5 @@ def denoise_scan(
         "sigma_estimated": bool(r.sigma_estimated),
         "notes": notes,
         "expected_gain_db": None if r.risk is None else float(r.risk.gain_db),
+        "figure": str(figure),
     }

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+PROBE_KEY = 0x53555245  # 'SURE'
 BLEND = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # weights of the network output vs the input
 
 
@@ -63,7 +64,9 @@ def select(
     `network(z, s)` is the denoiser applied to z at noise level s; it is called twice per strength
     (at y and at the probed y + eps b).
     """
-    rng = np.random.default_rng(seed)
+    # The probe's stream is keyed apart from every plain `default_rng(seed)`: a probe equal to the
+    # noise (a phantom noised with default_rng(0), probed with seed 0) made the estimate 10x off.
+    rng = np.random.default_rng(np.random.SeedSequence([seed, PROBE_KEY]))
     probe = rng.standard_normal(y.shape).astype(np.float32)
     eps = 0.05 * sigma  # small against sigma (bias O(eps^2)), large against float32/bf16 rounding
     yp = y + eps * probe
