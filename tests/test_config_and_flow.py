@@ -41,6 +41,6 @@ def test_ingest_flow_runs_and_second_run_reuses_everything(tmp_path, sample_dir,
     cfg.write_text(yaml.safe_dump({"ingest": {"sources": [str(sample_dir)], "out": str(tmp_path / "out")}}))
     first = ingest_flow(str(cfg))
     second = ingest_flow(str(cfg))
-    assert first["accepted"] == 22 and first["converted"] == first["accepted"] + first["rejected"]
+    assert first["accepted"] == 23 and first["converted"] == first["accepted"] + first["rejected"]
     assert second["converted"] == 0 and second["reused"] == first["converted"]
     assert Path(first["manifest"]).exists()

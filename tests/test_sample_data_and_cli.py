@@ -42,6 +42,7 @@ def test_cli_ingest_of_the_sample_data(sample_dir, tmp_path):
         "dicom/enhanced_ct/eCT_Supplemental.dcm",
         "dicom/phantom_ct_rle",
         "dicom/phantom_mr_oblique_j2k",
+        "dicom/phantom_mr_noisy",
         "nifti/mni152_2009a_T1w.nii.gz",
         "nifti/nibabel_anatomical_T1w.nii",
     } | {f"nifti/population/sub-pop{i:02d}/anat/sub-pop{i:02d}_T1w.nii.gz" for i in range(16)}
@@ -49,7 +50,7 @@ def test_cli_ingest_of_the_sample_data(sample_dir, tmp_path):
     assert rows["dicom/pydicom_dicomdirtests/98892003/MR700"]["error_code"] == "mixed_orientation"
     assert rows["nifti/nibabel_example4d_bold.nii.gz"]["error_code"] == "four_d"
     assert rows["dicom/phantom_ct_rle"]["units"] == "HU" and rows["dicom/phantom_ct_rle"]["modality"] == "CT"
-    assert "22 accepted" in result.output and "Rejected scans" in result.output
+    assert "23 accepted" in result.output and "Rejected scans" in result.output
     # a second run converts nothing
     again = runner.invoke(app, ["ingest", str(sample_dir), "--out", str(out)])
     assert again.exit_code == 0 and "0 converted" in again.output
