@@ -57,7 +57,7 @@ def build_corpus(root: Path) -> dict[str, tuple[str, str]]:
     data = files[2].read_bytes()
     (root / "partial_copy" / "0003.dcm").write_bytes(data[: len(data) // 2])
     expect["complete"] = ("accepted", "")
-    expect["partial_copy"] = ("rejected", "truncated")
+    expect["partial_copy"] = ("rejected", "missing_pixel_data")  # cut inside its header: no pixels at all
     # 1c. a complete second copy of one instance (same SOPInstanceUID): one slice, not a duplicate
     files = _series(root / "copied_instance", 23)
     (root / "copied_instance" / "again").mkdir()

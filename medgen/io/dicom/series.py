@@ -460,8 +460,10 @@ def _check_pixel_bytes(h: DicomHeader, data: bytes, stop: int, path: Path) -> No
     claiming 65535x65535 pixels must not cost gigabytes."""
     ended = stop >= len(data)
     if ended and (not h.rows or not h.columns):
-        raise TruncatedFileError(
-            path, "the file ends inside its header (no Rows/Columns, no PixelData): a partial copy or transfer"
+        # A partial transfer cut inside its header and a header-only stub (pydicom's TINY_ALPHA
+        # file-set) look the same from here: neither can supply pixels, so each is a row of its own.
+        raise MissingPixelDataError(
+            path, "an image object without Rows/Columns or PixelData (a partial copy, or a header-only file)"
         )
     if not h.rows or not h.columns:
         return  # an image object without Rows: its series is refused by read_series, naming it
