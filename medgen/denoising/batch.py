@@ -207,6 +207,6 @@ def denoise_scan(
         "sigma": float(r.sigma),
         "sigma_estimated": bool(r.sigma_estimated),
         "notes": notes,
-        "expected_gain_db": None if r.risk is None else float(r.risk.gain_db),
+        "expected_gain_db": None if r.risk is None or r.risk.gain_db is None else float(r.risk.gain_db),
         "figure": str(figure),
     }

@@ -54,9 +54,16 @@ class RiskEstimate:
     covers: str  # 'all voxels', or for Rician data the voxels where Gaussian SURE holds
 
     @property
-    def gain_db(self) -> float:
-        """Expected PSNR gain over the input (10 log10 of the MSE ratio)."""
-        return 10.0 * math.log10(self.mse_input / max(self.mse_output, 1e-30))
+    def reliable(self) -> bool:
+        """SURE is unbiased only for the true sigma: an estimate at or below ~0 (seen when sigma was
+        estimated ~10 % too high on a piecewise-constant phantom) says the sigma is off, not that
+        the output is perfect."""
+        return self.mse_output > 1e-3 * self.mse_input
+
+    @property
+    def gain_db(self) -> float | None:
+        """Expected PSNR gain over the input (10 log10 of the MSE ratio); None when not reliable."""
+        return 10.0 * math.log10(self.mse_input / self.mse_output) if self.reliable else None
 
 
 @dataclass
@@ -354,9 +361,12 @@ def _tuned(vol, net, y_np, sm, s_asked, lo, hi, noise, strengths, seed, desc, no
         notes.append("no candidate beat the input by SURE: the scan is returned unchanged")
         note = "unchanged: denoising would not lower the estimated error"
     else:
-        note = (
-            desc
-            + f", SURE-tuned (strength {best.strength:g}, weight {best.weight:g}, expected gain {risk.gain_db:+.2f} dB)"
+        gain = f"expected gain {risk.gain_db:+.2f} dB" if risk.gain_db is not None else "no reliable error estimate"
+        note = desc + f", SURE-tuned (strength {best.strength:g}, weight {best.weight:g}, {gain})"
+    if not risk.reliable:
+        notes.append(
+            f"SURE's error estimate is ~0 or below ({risk.mse_output:.3g}): the sigma used "
+            f"({sigma_units:.4g}) is probably too high; give sigma= if it is known"
         )
     result = vol.replace(data=out, affine=vol.affine.copy()).with_note(note, *notes)
     return DenoiseResult(result, None, [], sigma_units, estimated, tuple(notes), risk)

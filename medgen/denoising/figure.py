@@ -66,5 +66,10 @@ def write_figure(
 
 
 def figure_title(name: str, sigma: float, units: str, risk) -> str:
-    gain = f"; SURE: expected PSNR gain {risk.gain_db:+.2f} dB ({risk.covers})" if risk is not None else ""
+    if risk is None:
+        gain = ""
+    elif risk.gain_db is None:
+        gain = "; SURE: no reliable gain estimate (sigma probably too high)"
+    else:
+        gain = f"; SURE: expected PSNR gain {risk.gain_db:+.2f} dB ({risk.covers})"
     return f"{name}: sigma {sigma:.4g} {units}{gain}"
