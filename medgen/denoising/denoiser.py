@@ -368,7 +368,7 @@ def _tuned(vol, net, y_np, sm, s_asked, lo, hi, noise, strengths, seed, desc, no
             f"SURE's error estimate is ~0 or below ({risk.mse_output:.3g}): the sigma used "
             f"({sigma_units:.4g}) is probably too high; give sigma= if it is known"
         )
-    result = vol.replace(data=out, affine=vol.affine.copy()).with_note(note, *notes)
+    result = vol.replace(data=out, affine=vol.affine.copy()).with_note(*notes, note)  # what was done: last
     return DenoiseResult(result, None, [], sigma_units, estimated, tuple(notes), risk)
 
 
