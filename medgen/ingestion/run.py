@@ -536,6 +536,13 @@ def label_rows(plan: IngestPlan, unit: Unit, converted: list[dict[str, str]]) ->
     return converted
 
 
+def _remove_volume(out_dir: Path, rel: str) -> None:
+    """Remove a volume ingest wrote (named by one of its rows) and its sidecar."""
+    for f in (out_dir / rel, sidecar_path(out_dir / rel)):
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+
+
 def _schema_safe(rows: list[dict[str, str]], out_dir: Path) -> list[dict[str, str]]:
     """A row the schema refuses (a header value no check foresaw) becomes that scan's
     internal_error row (its volume removed), so one odd scan never stops the batch's manifest."""
@@ -545,9 +552,7 @@ def _schema_safe(rows: list[dict[str, str]], out_dir: Path) -> list[dict[str, st
         if problems:
             err = InternalError(r.get("source", "?"), f"row failed the manifest schema ({problems})")
             if r.get("output_path"):
-                for f in (out_dir / r["output_path"], sidecar_path(out_dir / r["output_path"])):
-                    with contextlib.suppress(FileNotFoundError):
-                        f.unlink()
+                _remove_volume(out_dir, r["output_path"])
             r = {**r, **_rejected(r["scan_id"], err), "split": ""}
         out.append(r)
     return out
@@ -565,11 +570,8 @@ def finish_ingest(plan: IngestPlan, converted_rows: list[dict[str, str]]) -> Ing
     # its own records say it wrote, never whatever else lies in volumes/.
     keep = {r["output_path"] for r in rows if r["output_path"]}
     for r in plan.existing:
-        rel = r["output_path"]
-        if rel and rel not in keep:
-            for f in (out_dir / rel, sidecar_path(out_dir / rel)):
-                with contextlib.suppress(FileNotFoundError):
-                    f.unlink()
+        if r["output_path"] and r["output_path"] not in keep:
+            _remove_volume(out_dir, r["output_path"])
     return IngestReport(
         out_dir=out_dir,
         manifest_path=plan.manifest_path,

@@ -48,6 +48,7 @@ from medgen.errors import (
     UnsupportedImageError,
     UnsupportedObjectError,
 )
+from medgen.io.dicom.write import STUDY_ATTRIBUTES
 from medgen.io.nifti import check_values
 from medgen.volume import SourceInfo, Volume, VolumeMeta
 
@@ -102,12 +103,7 @@ _IDENTIFIER_TAGS = (
     "PatientBirthDate",
     "PatientSex",
     "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "AccessionNumber",
-    "StudyID",
-    "ReferringPhysicianName",
-    "StudyDescription",
+    *STUDY_ATTRIBUTES,
     "FrameOfReferenceUID",
 )
 
