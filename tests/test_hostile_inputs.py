@@ -342,6 +342,13 @@ def test_denoise_never_overwrites_the_source_or_a_foreign_folder(tmp_path, capsy
     assert "not empty" in capsys.readouterr().err
     assert main(["denoise", str(src), "--out", str(foreign), "--sigma", "5", "--overwrite"]) == 0
     assert (foreign / "theirs.dcm").read_bytes() == b"the user's file"
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "0001.dcm").write_bytes(b"the user's slice")  # the name medgen's first slice would take
+    assert main(["denoise", str(src), "--out", str(clash), "--sigma", "5", "--overwrite"]) == 1
+    assert "medgen did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in clash.iterdir()) == ["0001.dcm"]
+    assert (clash / "0001.dcm").read_bytes() == b"the user's slice"
 
     own = tmp_path / "own"
     for _ in range(2):  # a re-run into its own folder replaces its own series: never two mixed

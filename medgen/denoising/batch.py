@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from medgen.errors import InputError
+from medgen.errors import InputError, OutputExistsError
 from medgen.io.atomic import staging_dir
 from medgen.io.nifti import write_nifti
 from medgen.io.ownership import check_output, record_output
@@ -144,6 +144,15 @@ def _merge_into(tmp: Path, final: Path, old: list[str]) -> None:
     if not final.exists():
         os.replace(tmp, final)
         return
+    # --overwrite into a folder of the user's still never replaces one of their files: a name the
+    # new series shares with a file medgen did not write is refused before anything moves.
+    clash = sorted(p.name for p in tmp.iterdir() if (final / p.name).exists() and p.name not in old)
+    if clash:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputExistsError(
+            f"{final}: {len(clash)} file(s) of the new series would replace files medgen did not write "
+            f"(e.g. {clash[0]}); choose an empty --out"
+        )
     for name in old:
         p = final / name
         if p.is_file():
