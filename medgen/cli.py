@@ -494,16 +494,22 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("MEDGEN_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
+    # typer >= 0.29 carries its own copy of click's exceptions: catch both families
+    exits = (typer.Exit, click.exceptions.Exit)
+    aborts = (typer.Abort, click.exceptions.Abort)
+    usage = (click.ClickException, getattr(typer, "TyperException", click.ClickException))
     try:
         rc = app(args=args, prog_name="medgen", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except exits as e:
         rc = e.exit_code
-    except click.ClickException as e:
-        e.show()
-        rc = e.exit_code
-    except click.exceptions.Abort:
+    except aborts:
         print("medgen: aborted", file=sys.stderr)
         rc = 130
+    except usage as e:  # a bad option or a path that does not exist: click's one-line usage message
+        if not hasattr(e, "show"):
+            raise
+        e.show()
+        rc = getattr(e, "exit_code", 2)
     except MedgenError as e:
         if debug:
             raise

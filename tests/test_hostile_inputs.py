@@ -476,6 +476,14 @@ def test_routine_mistakes_print_one_message_not_a_traceback(tmp_path, capsys):
         err = capsys.readouterr().err
         assert expect in err and "Traceback" not in err and "what to do" in err
         assert len(err.strip().splitlines()) <= 3
+    # click's own checks (a path that does not exist, an unknown option): its usage line, exit 2
+    for argv in (
+        ["denoise", str(tmp_path / "nope.nii.gz"), "--out", str(tmp_path / "o.nii.gz")],
+        ["ingest", "--bogus"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Error:" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 4
 
 
 def test_a_bad_config_given_to_a_flow_is_one_message(tmp_path):
