@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -23,10 +24,10 @@ class Localizers(str, Enum):
     error = "error"
 
 
-def _console():
+def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console()
+    return Console(stderr=stderr)
 
 
 def _run_ingest(
@@ -163,11 +164,24 @@ def train_denoiser_cmd(
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (resumed if it holds a checkpoint).")],
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda when available).")] = None,
+    self_supervised: Annotated[
+        bool,
+        typer.Option(
+            "--self-supervised",
+            help="Fine-tune (self_supervised.init, default the shipped model) on the noisy scans alone, "
+            "SURE loss, no clean scans: the config's self_supervised section.",
+        ),
+    ] = False,
 ) -> None:
     """The score model for `medgen denoise --model RUN/score_model`, on your own scans."""
-    from medgen.denoising.train import train_denoiser
+    if self_supervised:
+        from medgen.denoising.adapt import train_self_supervised
 
-    path = train_denoiser(_load_config(config), manifest, out, device=device)
+        path = train_self_supervised(_load_config(config), manifest, out, device=device)
+    else:
+        from medgen.denoising.train import train_denoiser
+
+        path = train_denoiser(_load_config(config), manifest, out, device=device)
     _console().print(f"score model: {path}")
 
 
@@ -397,6 +411,14 @@ def denoise(
     ] = DenoiseMethod.tweedie,
     n_samples: Annotated[int, typer.Option(min=1, help="Posterior samples.")] = 4,
     seed: Annotated[int, typer.Option()] = 0,
+    adapt: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="First fine-tune a copy of the model on this scan for N self-supervised (SURE) steps; "
+            "kept only where SURE expects it to do better. ~0.5 s a step on 2 CPU cores.",
+        ),
+    ] = 0,
     model: Annotated[
         Path | None, typer.Option(help="A score-model folder (default: the one shipped with medgen).")
     ] = None,
@@ -443,17 +465,20 @@ def denoise(
         check_output(nifti, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=False)  # type: ignore[arg-type]
     if figure is not None:
         check_output(figure, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=False)
-    r = denoise_detailed(
-        vol,
-        model=model,
-        sigma=sigma,
-        noise=noise.value,
-        method=method.value,
-        n_samples=n_samples,
-        seed=seed,
-        device=device,
-        precision=precision.value,
-    )  # type: ignore[arg-type]
+    with _window_progress() as progress:
+        r = denoise_detailed(
+            vol,
+            model=model,
+            sigma=sigma,
+            noise=noise.value,
+            method=method.value,
+            n_samples=n_samples,
+            seed=seed,
+            device=device,
+            precision=precision.value,  # type: ignore[arg-type]
+            adapt=adapt,
+            progress=progress,
+        )
     from medgen.denoising.batch import write_denoised
 
     console = _console()
@@ -479,6 +504,40 @@ def denoise(
             f"estimated error (SURE, {k.covers}): MSE {k.mse_output:.4g} vs the input's {k.mse_input:.4g} "
             f"{vol.meta.units}^2, {gain} (strength {k.strength:g}, weight {k.weight:g})"
         )
+
+
+PROGRESS_FROM = 16  # windows: below this the run takes seconds and a bar is noise
+
+
+@contextlib.contextmanager
+def _window_progress():
+    """A progress bar (windows done of total, on stderr) for volumes that take many windows."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("denoising windows"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=_console(stderr=True),
+        transient=False,
+    )
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if total < PROGRESS_FROM:
+            return
+        if task is None:
+            bar.start()
+            task = bar.add_task("denoise", total=total)
+        bar.update(task, completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

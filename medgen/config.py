@@ -219,6 +219,17 @@ class DenoiserConfig(ScoreNetworkConfig):
     train: StageTrainConfig
 
 
+class SelfSupervisedConfig(_Strict):
+    """Fine-tuning a score model on noisy scans alone (medgen.denoising.adapt, SURE loss).
+    `init` is the model to start from (default: the one shipped with medgen); `sigma`, when the
+    noise level of every scan is known (in the scans' units), else each scan's is estimated."""
+
+    init: Path | None = None
+    noise: Literal["gaussian", "rician"] = "gaussian"
+    sigma: float | None = Field(None, gt=0)
+    train: StageTrainConfig
+
+
 class FeatureEncoderConfig(_Strict):
     """The project's own 3D feature encoder for FID/KID/MMD (contrastive, on the training split)."""
 
@@ -309,6 +320,7 @@ class PipelineConfig(_Strict):
     diffusion: DiffusionConfig | None = None
     generate: GenerateConfig = GenerateConfig()
     denoiser: DenoiserConfig | None = None
+    self_supervised: SelfSupervisedConfig | None = None
     quality: QualityConfig = QualityConfig()
     export: ExportConfig = ExportConfig()
     denoise: DenoiseJobConfig | None = None

@@ -1,0 +1,218 @@
+"""Self-supervised fine-tuning of the score model on noisy scans alone (no clean scan anywhere).
+
+At level s the Tweedie denoiser is D(y) = y - s eps_hat(sqrt(abar) y, t(s)). Stein's unbiased risk
+estimate of its MSE (medgen.denoising.sure) needs only y and s, and it is differentiable in the
+network's weights, so it is a training loss (Soltanayev & Chun 2018, Metzler et al. 2018):
+
+    L = mean (D(y) - y)^2 - s^2 + 2 s^2 mean b . (D(y + e b) - D(y)) / e,     b ~ N(0, I)
+
+on random patches of each scan, at the scan's own noise level (given, or estimated by
+`estimate_sigma`), divided by s^2 so that quiet and noisy scans weigh alike. Its expectation is the
+true MSE against the unseen clean scan, so minimising it moves the prior towards the anatomy and
+texture of the user's scans instead of towards their noise. SURE rather than recorrupted-to-
+recorrupted (R2R) training: R2R trains the network at an inflated level s sqrt(1 + alpha^2) and
+needs averaging over recorruptions at inference; SURE trains exactly the map that `denoise` runs.
+
+For Rician magnitude data the loss covers the voxels above 3 s only, where the noise is Gaussian to
+first order (the same restriction as the SURE selection at inference, which still guards the
+adapted model's output: a fine-tuning that went wrong cannot make the scan worse than the input).
+
+Two entry points: `adapt_to_scan` (one scan, in memory: `medgen.denoise(..., adapt=steps)`) and
+`train_self_supervised` (a manifest's scans, checkpointed and resumable through the shared training
+loop: `medgen train denoiser --self-supervised`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medgen.config import StageTrainConfig
+from medgen.models.score import NoiseSchedule, ScoreModel
+from medgen.training.loop import StepContext, step_generator
+
+PROBE_EPS = 0.02  # the probe's step, as a fraction of s: O(e^2) bias, far above fp32 rounding
+
+
+@dataclass
+class NoisyScan:
+    """One scan for the loss: normalised intensities (medgen.denoising.normalise), its noise level in
+    those units, and where the loss applies (False where padding was added or SURE does not hold)."""
+
+    data: torch.Tensor  # (X, Y, Z), at least `patch` along every axis (replicate-padded)
+    sigma: float
+    valid: torch.Tensor  # bool, same shape
+
+
+def noisy_scan(y: np.ndarray, sigma: float, patch: tuple[int, int, int], rician: bool, device) -> NoisyScan:
+    data = torch.as_tensor(np.ascontiguousarray(y, dtype=np.float32), device=device)
+    valid = data > 3 * sigma if rician else torch.ones_like(data, dtype=torch.bool)
+    pads = []
+    for n, p in zip(reversed(data.shape), reversed(patch)):
+        pads += [0, max(0, p - n)]
+    if any(pads):  # padded voxels are not noisy data: the network sees them, the loss does not
+        data = torch.nn.functional.pad(data[None, None], pads, mode="replicate")[0, 0]
+        valid = torch.nn.functional.pad(valid, pads, value=False)
+    return NoisyScan(data, float(sigma), valid)
+
+
+def patch_shape(shapes: list[tuple[int, ...]], patch: tuple[int, int, int], down: int) -> tuple[int, int, int]:
+    """The configured patch, narrowed per axis to the thinnest scan (rounded up to the UNet's
+    downsampling), so a thin slab trains on slab-shaped patches rather than mostly padding."""
+    return tuple(  # type: ignore[return-value]
+        min(p, int(math.ceil(min(s[a] for s in shapes) / down) * down)) for a, p in enumerate(patch)
+    )
+
+
+def sure_loss(
+    unet: torch.nn.Module, schedule: NoiseSchedule, scans: list[NoisyScan], idx: list[int], patch, ctx: StepContext
+) -> torch.Tensor:
+    """SURE / s^2 of the Tweedie denoiser on one random patch (random flips) of each scans[i]."""
+    b = len(idx)
+    corner = ctx.rand((b, 3))
+    flips = ctx.rand((b, 3)) < 0.5
+    ys, ms = [], []
+    for k, i in enumerate(idx):
+        v = scans[i]
+        c = [int(f * (n - p + 1)) for f, n, p in zip(corner[k].tolist(), v.data.shape, patch)]
+        sl = tuple(slice(o, o + p) for o, p in zip(c, patch))
+        dims = [a for a in range(3) if flips[k, a]]
+        y, m = v.data[sl], v.valid[sl]
+        ys.append(torch.flip(y, dims) if dims else y)
+        ms.append(torch.flip(m, dims) if dims else m)
+    y = torch.stack(ys)[:, None]
+    m = torch.stack(ms)[:, None].float()
+    s = torch.tensor([scans[i].sigma for i in idx], device=y.device)
+    t = schedule.time_of_torch(s)
+    s5 = s[:, None, None, None, None]
+    root_abar = (1.0 / (1.0 + s5**2)).sqrt()  # abar = 1 / (1 + s^2): see medgen.models.score
+    probe = ctx.randn(y.shape)
+    e = PROBE_EPS * s5
+    both = torch.cat([y, y + e * probe])  # one forward pass for y and the probed y
+    d = both - s5.repeat(2, 1, 1, 1, 1) * unet(root_abar.repeat(2, 1, 1, 1, 1) * both, timesteps=t.repeat(2)).float()
+    g, gp = d[:b], d[b:]
+    n = m.sum(dim=(1, 2, 3, 4)).clamp_min(1.0)
+    fit = (((g - y) ** 2) * m).sum(dim=(1, 2, 3, 4)) / n
+    div = ((probe * (gp - g)) * m).sum(dim=(1, 2, 3, 4)) / (e.flatten() * n)
+    return ((fit - s**2 + 2 * s**2 * div) / s**2).mean()
+
+
+def _fit(model: ScoreModel, scans: list[NoisyScan], train: StageTrainConfig, device) -> tuple[ScoreModel, list[float]]:
+    """A plain loop (no checkpoints: one scan's adaptation takes seconds to minutes)."""
+    patch = patch_shape([tuple(v.data.shape) for v in scans], model.cfg.patch, model.downsample)
+    unet = copy.deepcopy(model.unet).to(device).train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=train.lr)
+    losses = []
+    order = np.random.default_rng(train.seed)
+    for step in range(train.steps):
+        ctx = StepContext(step, 0, step_generator(train.seed, step, 0, 0, device), device)
+        idx = [int(i) for i in order.integers(0, len(scans), train.batch_size)]
+        loss = sure_loss(unet, model.schedule, scans, idx, patch, ctx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), train.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+    unet.eval()
+    meta = {**model.metadata, "adapted": {"steps": train.steps, "lr": train.lr, "seed": train.seed, "loss": "SURE"}}
+    return ScoreModel(None, unet, model.cfg, model.schedule, meta), losses
+
+
+def adapt_to_scan(
+    model: ScoreModel,
+    y: np.ndarray,
+    sigma: float,
+    *,
+    steps: int,
+    rician: bool = False,
+    lr: float = 1e-4,
+    batch_size: int = 2,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> tuple[ScoreModel, list[float]]:
+    """A copy of `model` fine-tuned for `steps` on the normalised scan `y` with noise `sigma`; the
+    losses (SURE / s^2 per step) come back too. The original model is not touched."""
+    dev = torch.device(device)
+    patch = patch_shape([y.shape], model.cfg.patch, model.downsample)
+    scans = [noisy_scan(y, sigma, patch, rician, dev)]
+    train = StageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    return _fit(model, scans, train, dev)
+
+
+def train_self_supervised(
+    cfg, manifest: str | Path, run_dir: str | Path, *, device: str | None = None, stop_after: int | None = None
+) -> Path:
+    """`medgen train denoiser --self-supervised`: the manifest's accepted scans (the config's data
+    section selects them) fine-tune the model named by `self_supervised.init` (default: the shipped
+    one) with the SURE loss; writes RUN/score_model, resumable from RUN/score_ss checkpoints.
+
+    The scans are read on their own voxel grid (never resampled: interpolation would correlate the
+    noise and change its level) and each gets its own sigma (given in the config, or estimated)."""
+    from medgen.datasets.prepared import manifest_items
+    from medgen.denoising.denoiser import estimate_sigma
+    from medgen.denoising.normalise import normalise
+    from medgen.errors import MedgenError
+    from medgen.io.load import load_volume
+    from medgen.models.score import load_score_model, save_score_model
+    from medgen.provenance import sha256_file
+    from medgen.training.loop import Part, Trainer, init_distributed, unwrap, wrap
+
+    cfg.require("data", "self_supervised")
+    ss = cfg.self_supervised
+    d = init_distributed(device)
+    base = load_score_model(ss.init, device=d.device)
+    items = manifest_items(manifest, cfg.data)
+    if not items:
+        raise MedgenError(f"{manifest}: no accepted scans match the config's data section: nothing to fine-tune on")
+    rician = ss.noise == "rician"
+    raw, sigmas = [], []
+    for it in items:
+        data = load_volume(it["image"]).data
+        s_units = ss.sigma if ss.sigma is not None else estimate_sigma(data, ss.noise)
+        y, lo, hi = normalise(data, s_units)
+        raw.append(y)
+        sigmas.append(s_units / (hi - lo))
+    patch = patch_shape([r.shape for r in raw], base.cfg.patch, base.downsample)
+    scans = [noisy_scan(r, s, patch, rician, d.device) for r, s in zip(raw, sigmas)]
+    unet = base.unet.train()
+    model = wrap(unet, d)
+    part = Part("score", model, torch.optim.AdamW(model.parameters(), lr=ss.train.lr), ss.train.ema_decay)
+
+    def step_fn(ctx, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"score": sure_loss(model, base.schedule, scans, [int(i) for i in idx], patch, ctx)}
+
+    index = torch.arange(len(scans), dtype=torch.long)
+    run = Path(run_dir)
+    final = Trainer(run / "score_ss", ss.train, [part], step_fn, index, d, name="score_ss").fit(stop_after=stop_after)
+    out = run / "score_model"
+    if final < ss.train.steps or not d.is_main:
+        return out
+    init_prov = base.metadata.get("provenance", {})
+    provenance: dict[str, Any] = {
+        "command": "medgen train denoiser --self-supervised",
+        "loss": "SURE (self-supervised: noisy scans only)",
+        "init": {  # named by what it is, never by where it lay on this machine
+            "name": base.path.name if base.path is not None else "in-memory model",
+            "command": init_prov.get("command"),
+            "steps": init_prov.get("steps"),
+            "seed": init_prov.get("seed"),
+            "file_sha256": base.metadata.get("files", {}),
+        },
+        "training_manifest_sha256": sha256_file(manifest),
+        "training_data": [
+            {"name": i["scan_id"], "sha256": i["sha256"], "sigma": round(float(s), 6)} for i, s in zip(items, sigmas)
+        ],
+        "noise": ss.noise,
+        "config_name": cfg.name,
+        "steps": final,
+        "seed": ss.train.seed,
+    }
+    weights = part.ema if part.ema is not None else unwrap(model).state_dict()
+    return save_score_model(out, base.cfg, weights, provenance)
