@@ -6,6 +6,11 @@ artifacts, training as a torchrun subprocess). Overhead = flow - direct, per sta
 then the flow once more with nothing changed (what a scheduled re-run costs).
 
     python benchmarks/pipeline.py [--config configs/demo.yaml]
+    python benchmarks/pipeline.py --fanout [--scans 6 --workers 2]
+
+--fanout: throughput (scans per minute) of denoising the same scans in one process, in a pool of
+worker processes that each take their share of the cores (medgen.threads, as the Dask runner and
+ingest's pool do), and in a pool left at torch's default (every worker one thread per core).
 
 Goal: orchestration overhead under 10 % of the demo's wall time. Stage times carry this shared
 machine's noise (a few %): read the total, and run it twice before trusting a small difference.
@@ -14,6 +19,7 @@ machine's noise (a few %): read the total, and run it twice before trusting a sm
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -100,10 +106,63 @@ def direct(config_path: Path) -> dict[str, float]:
     return times
 
 
+def _fanout_scan(seed: int) -> float:
+    import numpy as np
+
+    from medgen.demo_data import phantom_mr
+    from medgen.denoising.denoiser import denoise
+
+    clean = phantom_mr((56, 56, 48)).astype(np.float32)
+    noisy = clean + 0.05 * float(clean.max()) * np.random.default_rng(seed).standard_normal(clean.shape)
+    return float(np.mean(denoise(noisy.astype(np.float32), device="cpu").data))
+
+
+def _default_threads() -> None:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)  # what an unconfigured worker gets
+
+
+def fanout(scans: int, workers: int) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    from medgen.threads import cores, limit_threads, share
+
+    rows = []
+    torch.set_num_threads(cores())
+    t0 = time.perf_counter()
+    for i in range(scans):
+        _fanout_scan(i)
+    rows.append((f"one process, {cores()} threads", time.perf_counter() - t0))
+    for label, init, args in (
+        (f"{workers} workers x {share(workers)} threads (medgen.threads)", limit_threads, (share(workers),)),
+        (f"{workers} workers x {os.cpu_count()} threads (torch default)", _default_threads, ()),
+    ):
+        # spawned: a fork after torch started its OpenMP pool can hang the child
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init, initargs=args) as pool:
+            list(pool.map(_fanout_scan, range(workers)))  # start-up and imports, not timed
+            t0 = time.perf_counter()
+            list(pool.map(_fanout_scan, range(scans)))
+            rows.append((label, time.perf_counter() - t0))
+    base = rows[0][1]
+    print(f"\ndenoising {scans} scans of 56x56x48 on {cores()} cores")
+    print(f"{'how':<44}{'s':>8}{'scans/min':>11}{'vs one process':>16}")
+    for label, sec in rows:
+        print(f"{label:<44}{sec:>8.1f}{60 * scans / sec:>11.1f}{base / sec:>15.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
+    ap.add_argument("--fanout", action="store_true", help="only the fan-out throughput table")
+    ap.add_argument("--scans", type=int, default=6)
+    ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
+    if args.fanout:
+        return fanout(args.scans, args.workers)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         d = direct(relocated(args.config, Path(tmp) / "direct"))
