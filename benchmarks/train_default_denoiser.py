@@ -96,7 +96,12 @@ def rebuild(device: str, out: Path) -> None:
     command names its start as 'stage N of --rebuild', never by a path on this machine."""
     work = Path(tempfile.mkdtemp(prefix="medgen-denoiser-rebuild-"))
     for i in range(len(STAGES)):
-        argv = stage_args(i) + ["--device", device, "--out", str(work / f"stage{i + 1}" if i < len(STAGES) - 1 else out)]
+        argv = stage_args(i) + [
+            "--device",
+            device,
+            "--out",
+            str(work / f"stage{i + 1}" if i < len(STAGES) - 1 else out),
+        ]
         named = stage_args(i) + ([f"--init stage{i} (of --rebuild)"] if i else [])
         if i:
             argv += ["--init", str(work / f"stage{i}")]

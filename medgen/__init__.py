@@ -46,6 +46,7 @@ _EXPORTS = {
     # denoising
     "denoise": "medgen.denoising.denoiser",
     "denoise_detailed": "medgen.denoising.denoiser",
+    "estimate_sigma_from_repeats": "medgen.denoising.denoiser",
     "DenoiseResult": "medgen.denoising.denoiser",
     "load_score_model": "medgen.models.score",
     # errors: every error medgen raises derives from MedgenError; bad scans from InputError
@@ -67,7 +68,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 if TYPE_CHECKING:
     from medgen.config import load_config
     from medgen.demo_data import build_sample_data
-    from medgen.denoising.denoiser import DenoiseResult, denoise, denoise_detailed
+    from medgen.denoising.denoiser import DenoiseResult, denoise, denoise_detailed, estimate_sigma_from_repeats
     from medgen.denoising.train import train_denoiser, train_score
     from medgen.errors import (
         BundleError,

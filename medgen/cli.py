@@ -405,6 +405,14 @@ def denoise(
     sigma: Annotated[
         float | None, typer.Option(help="Noise SD in the scan's units (default: estimated from the scan).")
     ] = None,
+    repeat: Annotated[
+        Path | None,
+        typer.Option(
+            help="A second acquisition of the same scan (a repeated frame or b0): sigma is measured from "
+            "the difference, far more reliably than from one scan.",
+            exists=True,
+        ),
+    ] = None,
     noise: Annotated[NoiseKind, typer.Option(help="gaussian, or rician for magnitude MR.")] = NoiseKind.gaussian,
     method: Annotated[
         DenoiseMethod, typer.Option(help="tweedie (MMSE, one pass) or posterior (sampling, with an uncertainty map).")
@@ -440,6 +448,8 @@ def denoise(
     ] = None,
 ) -> None:
     """Denoise a scan with the score model; NIfTI out, or a DERIVED DICOM series for DICOM input."""
+    import numpy as np
+
     from medgen.denoising.batch import WRITER
     from medgen.denoising.denoiser import denoise_detailed
     from medgen.errors import DenoiseError
@@ -465,6 +475,17 @@ def denoise(
         check_output(nifti, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=False)  # type: ignore[arg-type]
     if figure is not None:
         check_output(figure, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=False)
+    if repeat is not None:
+        if sigma is not None:
+            raise typer.BadParameter("give --sigma or --repeat, not both", param_hint="--repeat")
+        from medgen.denoising.denoiser import estimate_sigma_from_repeats
+
+        other = load_volume(repeat)
+        if other.shape != vol.shape or not np.allclose(other.affine, vol.affine, atol=1e-3):
+            raise DenoiseError(
+                f"--repeat {printable(str(repeat))}: not on the scan's voxel grid (shape {other.shape} vs {vol.shape})"
+            )
+        sigma = estimate_sigma_from_repeats(vol.data, other.data)
     with _window_progress() as progress:
         r = denoise_detailed(
             vol,
@@ -487,7 +508,7 @@ def denoise(
             f"-> {p}" + (" (new DICOM series, ImageType DERIVED\\SECONDARY)" if p == out and to_dicom else "")
         )
     console.print(
-        f"sigma {r.sigma:.4g} {vol.meta.units} ({'estimated' if r.sigma_estimated else 'given'}), method {method.value}"
+        f"sigma {r.sigma:.4g} {vol.meta.units} ({'estimated' if r.sigma_estimated else ('from the repeat' if repeat else 'given')}), method {method.value}"
     )
     if figure is not None:
         from medgen.denoising.figure import figure_title, write_figure
