@@ -6,14 +6,22 @@
 Held-out volumes (never in the default model's training data): nibabel's anatomical.nii (real T1,
 33x41x25 at 2 mm), the central 64x64x24 of frame 0 of nibabel's example4d.nii.gz (real EPI), and
 the 64^3 MR Shepp-Logan phantom (phantominator). Each is scaled to its 99.5th percentile = 1;
-Gaussian noise y = x + s n, Rician y = |x + s n1 + i s n2|, s in --sigmas. Columns: PSNR and SSIM
-on the whole volume, PSNR in the foreground (clean > 0.1), seconds per megavoxel. The Gaussian
-filter and NLM are tuned with the clean volume (oracle: their best case); BM4D gets the true sigma;
-ours estimates sigma from the noisy scan (wavelet MAD, or background for Rician), and is also run
-with the true added sigma like BM4D; its network runs in bf16 (precision='bf16': bf16 where the
-CPU has it natively, else fp32), and once more in fp32 (precision='auto' on a CPU) for comparison. Caveat: the two real volumes are themselves noisy (their own
-noise is ~0.05 and ~0.025 of the 99.5th percentile by the wavelet MAD), so PSNR against them rewards
-a method for keeping their intrinsic noise: estimated-sigma rows remove it and are scored down.
+Gaussian noise y = x + s n, Rician y = |x + s n1 + i s n2|, s in --sigmas. Columns: PSNR, SURE's
+own prediction of that PSNR (Gaussian rows of the SURE-tuned outputs: SURE is in the output, so it
+is what a user sees), SSIM, PSNR in the foreground (clean > 0.1), seconds per megavoxel.
+
+Rows: the Gaussian filter and NLM tuned with the clean volume (oracle: their best case); BM4D with
+the true sigma; ours: 'untuned' (the network alone, true sigma), 'tweedie' (SURE-tuned, sigma
+estimated from the noisy scan), '(true s)' (SURE-tuned, true sigma; bf16 where the CPU has it
+natively, and once more in fp32), 'adapted xN' (N steps of self-supervised fine-tuning on the noisy
+scan itself first, Gaussian 0.05/0.10 only: --adapt-steps), and the posterior mean.
+
+Then real scanner noise on a real repeat pair (the two frames of example4d): noise2noise MSE of
+noisy / BM4D / ours, the sigma from one scan vs from the pair, and the noise's spatial correlation.
+
+Caveat: the two real volumes are themselves noisy (their own noise is ~0.05 and ~0.025 of the 99.5th
+percentile by the wavelet MAD), so PSNR against them rewards a method for keeping their intrinsic
+noise: estimated-sigma rows remove it and are scored down.
 """
 
 from __future__ import annotations
@@ -125,7 +133,7 @@ def main() -> None:
 
                 def ours(**kw):
                     r = denoise_detailed(y, model=sm, noise=kind, device="cpu", **kw)
-                    if r.risk is not None and kind == "gaussian":
+                    if r.risk is not None and r.risk.reliable and kind == "gaussian":
                         sure_psnr[0] = 10 * np.log10(1.0 / max(r.risk.mse_output, 1e-12))
                     return r.volume.data
 
@@ -177,6 +185,7 @@ def repeats(sm, have_bm4d: bool, adapt_steps: int) -> None:
     import nibabel as nib
 
     from medgen.demo_data import _package_dir
+    from medgen.denoising.correlated import correlation_from_repeats
     from medgen.denoising.denoiser import denoise_detailed, estimate_sigma, estimate_sigma_from_repeats
 
     epi = np.asarray(nib.load(_package_dir("nibabel") / "tests" / "data" / "example4d.nii.gz").get_fdata(), np.float32)
@@ -199,6 +208,10 @@ def repeats(sm, have_bm4d: bool, adapt_steps: int) -> None:
         rows["BM4D (sigma from repeats)"] = np.asarray(__import__("bm4d").bm4d(f0, sigma_psd=s_rep), np.float32)
     rows["ours (sigma est.)"] = denoise_detailed(f0, model=sm, device="cpu").volume.data
     rows["ours (sigma from repeats)"] = denoise_detailed(f0, model=sm, sigma=s_rep, device="cpu").volume.data
+    rho = correlation_from_repeats(f0, f1)
+    rows["ours (sigma + correlation, repeats)"] = denoise_detailed(
+        f0, model=sm, sigma=s_rep, noise_correlation=rho, device="cpu"
+    ).volume.data
     if adapt_steps:
         rows[f"ours adapted x{adapt_steps} (repeats)"] = denoise_detailed(
             f0, model=sm, sigma=s_rep, device="cpu", adapt=adapt_steps
@@ -206,7 +219,7 @@ def repeats(sm, have_bm4d: bool, adapt_steps: int) -> None:
     base = float(np.mean((f0 - f1) ** 2))
     for k, v in rows.items():
         n2n = float(np.mean((v - f1) ** 2))
-        print(f"  {k:<34} noise2noise MSE {n2n:.6f}  ({'=' if v is f0 else ('<' if n2n < base else '>')} noisy)")
+        print(f"  {k:<34} noise2noise MSE {n2n:.7f}  ({'=' if v is f0 else ('<' if n2n < base else '>')} noisy)")
 
 
 if __name__ == "__main__":

@@ -475,6 +475,7 @@ def denoise(
         check_output(nifti, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=False)  # type: ignore[arg-type]
     if figure is not None:
         check_output(figure, inputs=inputs, writer=WRITER, overwrite=overwrite, is_folder=False)
+    correlation = None
     if repeat is not None:
         if sigma is not None:
             raise typer.BadParameter("give --sigma or --repeat, not both", param_hint="--repeat")
@@ -485,7 +486,12 @@ def denoise(
             raise DenoiseError(
                 f"--repeat {printable(str(repeat))}: not on the scan's voxel grid (shape {other.shape} vs {vol.shape})"
             )
+        from medgen.denoising.correlated import correlation_from_repeats
+
         sigma = estimate_sigma_from_repeats(vol.data, other.data)
+        rho = correlation_from_repeats(vol.data, other.data)
+        # white enough (|lag-1| < 0.1 on every axis): keep the white-noise model, one network pass pair
+        correlation = rho if max(abs(r) for r in rho) >= 0.1 else None
     with _window_progress() as progress:
         r = denoise_detailed(
             vol,
@@ -499,6 +505,7 @@ def denoise(
             precision=precision.value,  # type: ignore[arg-type]
             adapt=adapt,
             progress=progress,
+            noise_correlation=correlation,
         )
     from medgen.denoising.batch import write_denoised
 

@@ -48,9 +48,12 @@ class NoisyScan:
     data: torch.Tensor  # (X, Y, Z), at least `patch` along every axis (replicate-padded)
     sigma: float
     valid: torch.Tensor  # bool, same shape
+    correlation: tuple[float, float, float] | None = None  # lag-1 per axis (medgen.denoising.correlated)
 
 
-def noisy_scan(y: np.ndarray, sigma: float, patch: tuple[int, int, int], rician: bool, device) -> NoisyScan:
+def noisy_scan(
+    y: np.ndarray, sigma: float, patch: tuple[int, int, int], rician: bool, device, correlation=None
+) -> NoisyScan:
     data = torch.as_tensor(np.ascontiguousarray(y, dtype=np.float32), device=device)
     valid = data > 3 * sigma if rician else torch.ones_like(data, dtype=torch.bool)
     pads = []
@@ -59,7 +62,7 @@ def noisy_scan(y: np.ndarray, sigma: float, patch: tuple[int, int, int], rician:
     if any(pads):  # padded voxels are not noisy data: the network sees them, the loss does not
         data = torch.nn.functional.pad(data[None, None], pads, mode="replicate")[0, 0]
         valid = torch.nn.functional.pad(valid, pads, value=False)
-    return NoisyScan(data, float(sigma), valid)
+    return NoisyScan(data, float(sigma), valid, correlation)
 
 
 def patch_shape(shapes: list[tuple[int, ...]], patch: tuple[int, int, int], down: int) -> tuple[int, int, int]:
@@ -93,6 +96,12 @@ def sure_loss(
     s5 = s[:, None, None, None, None]
     root_abar = (1.0 / (1.0 + s5**2)).sqrt()  # abar = 1 / (1 + s^2): see medgen.models.score
     probe = ctx.randn(y.shape)
+    for k, i in enumerate(idx):
+        rho = scans[i].correlation
+        if rho is not None:  # a probe with the noise's covariance: SURE for correlated noise
+            from medgen.denoising.correlated import color
+
+            probe[k, 0] = color(probe[k, 0], rho)
     e = PROBE_EPS * s5
     both = torch.cat([y, y + e * probe])  # one forward pass for y and the probed y
     d = both - s5.repeat(2, 1, 1, 1, 1) * unet(root_abar.repeat(2, 1, 1, 1, 1) * both, timesteps=t.repeat(2)).float()
@@ -132,6 +141,7 @@ def adapt_to_scan(
     *,
     steps: int,
     rician: bool = False,
+    correlation: tuple[float, float, float] | None = None,
     lr: float = 1e-4,
     batch_size: int = 2,
     seed: int = 0,
@@ -141,7 +151,7 @@ def adapt_to_scan(
     losses (SURE / s^2 per step) come back too. The original model is not touched."""
     dev = torch.device(device)
     patch = patch_shape([y.shape], model.cfg.patch, model.downsample)
-    scans = [noisy_scan(y, sigma, patch, rician, dev)]
+    scans = [noisy_scan(y, sigma, patch, rician, dev, correlation)]
     train = StageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     return _fit(model, scans, train, dev)
 

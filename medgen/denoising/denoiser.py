@@ -315,9 +315,10 @@ def denoise_detailed(
     max_steps: int = 64,
     precision: Precision = "auto",
     tune: bool = True,
-    strengths: tuple[float, ...] = (1.0,),
+    strengths: tuple[float, ...] | None = None,
     adapt: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    noise_correlation: tuple[float, float, float] | None = None,
 ) -> DenoiseResult:
     """`denoise` with everything it computed: the estimate, the uncertainty map and samples
     (posterior), and the sigma used.
@@ -328,7 +329,22 @@ def denoise_detailed(
 
     adapt=N first fine-tunes a copy of the model on this scan alone for N steps of the SURE loss
     (medgen.denoising.adapt; no clean scan needed), then denoises with it; the SURE selection still
-    guards the result. progress(done, total) is called as windows of the network pass complete."""
+    guards the result. progress(done, total) is called as windows of the network pass complete.
+
+    noise_correlation: the noise's lag-1 correlation per array axis (from two repeats:
+    medgen.denoising.correlated.correlation_from_repeats); SURE and the adaptation then hold for
+    that correlated noise, and the network is also tried at 1.5 and 2 x sigma (correlated noise
+    has more low-frequency power than white noise of the same sigma). strengths: the multiples of
+    sigma the network is run at (default 1, or 1, 1.5, 2 with noise_correlation)."""
+    if noise_correlation is not None:
+        rho = tuple(float(r) for r in noise_correlation)
+        if len(rho) != 3 or not all(math.isfinite(r) and abs(r) < 1 for r in rho):
+            raise DenoiseError(
+                f"noise_correlation must be three lag-1 correlations in (-1, 1), got {noise_correlation!r}"
+            )
+        noise_correlation = rho  # type: ignore[assignment]
+    if strengths is None:
+        strengths = (1.0,) if noise_correlation is None else (1.0, 1.5, 2.0)
     if isinstance(adapt, bool) or not isinstance(adapt, (int, np.integer)) or adapt < 0:
         raise DenoiseError(f"adapt must be a number of steps >= 0, got {adapt!r}")
     if precision not in PRECISIONS:
@@ -384,7 +400,16 @@ def denoise_detailed(
     if adapt:
         from medgen.denoising.adapt import adapt_to_scan
 
-        sm, losses = adapt_to_scan(sm, y_np, s, steps=int(adapt), rician=noise == "rician", seed=seed, device=dev)
+        sm, losses = adapt_to_scan(
+            sm,
+            y_np,
+            s,
+            steps=int(adapt),
+            rician=noise == "rician",
+            seed=seed,
+            device=dev,
+            correlation=noise_correlation,
+        )
         k = max(1, len(losses) // 5)
         adapted_note = (
             f"model adapted to this scan: {adapt} steps of self-supervised SURE fine-tuning "
@@ -416,7 +441,7 @@ def denoise_detailed(
 
     desc = f"denoised ({method}, {noise}, sigma {sigma_units:.4g} {vol.meta.units}{' estimated' if estimated else ''})"
     if method == "tweedie" and tune and s_asked > 0:  # sigma 0 (a noise-free scan): nothing to estimate
-        args = (y_np, s_asked, lo, hi, noise, strengths, seed, desc)
+        args = (y_np, s_asked, lo, hi, noise, strengths, seed, desc, noise_correlation)
         if not adapt:
             return _tuned(vol, net, sm, *args, notes, sigma_units, estimated)
         # Adapting to one scan can fit its noise (measured: -0.9 dB on a real T1 at sigma 0.10,
@@ -454,7 +479,7 @@ def denoise_detailed(
     )
 
 
-def _tuned(vol, net, sm, y_np, s_asked, lo, hi, noise, strengths, seed, desc, notes, sigma_units, estimated):
+def _tuned(vol, net, sm, y_np, s_asked, lo, hi, noise, strengths, seed, desc, rho, notes, sigma_units, estimated):
     """Tweedie at each strength x sigma, blended with the input, the blend of least SURE kept
     (medgen.denoising.sure); nothing kept when no candidate's estimated risk is below the input's."""
     from medgen.denoising.sure import select
@@ -480,7 +505,9 @@ def _tuned(vol, net, sm, y_np, s_asked, lo, hi, noise, strengths, seed, desc, no
         post = lambda x: np.where(blank, y_np, inner(x))  # noqa: E731
         mask = ~blank if mask is None else mask & ~blank
         covers = "voxels outside the scan's zero-filled background" if noise != "rician" else covers
-    best, _ = select(y_np, network, post, s_asked, tuple(strengths), seed=seed, mask=mask)
+    if rho is not None:
+        covers += f"; noise correlated (lag-1 {', '.join(f'{r:+.2f}' for r in rho)})"
+    best, _ = select(y_np, network, post, s_asked, tuple(strengths), seed=seed, mask=mask, correlation=rho)
     scale2 = (hi - lo) ** 2
     risk = RiskEstimate(best.risk * scale2, s_asked**2 * scale2, best.strength, best.weight, covers)
     out = (best.output * (hi - lo) + lo).astype(np.float32)

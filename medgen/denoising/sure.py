@@ -56,18 +56,24 @@ def select(
     *,
     seed: int = 0,
     mask: np.ndarray | None = None,
+    correlation: tuple[float, float, float] | None = None,
 ) -> tuple[Candidate, list[Candidate]]:
     """The candidate of least estimated risk among the network at each strength blended with the
     input (weights BLEND), post-processed by `post` (clamps, Rician bias correction: part of the
     estimate, so part of what SURE measures). Weight 0 is the input itself, risk sigma^2.
 
     `network(z, s)` is the denoiser applied to z at noise level s; it is called twice per strength
-    (at y and at the probed y + eps b).
+    (at y and at the probed y + eps b). `correlation` (lag-1 per axis) makes the estimate hold for
+    spatially correlated noise (medgen.denoising.correlated).
     """
     # The probe's stream is keyed apart from every plain `default_rng(seed)`: a probe equal to the
     # noise (a phantom noised with default_rng(0), probed with seed 0) made the estimate 10x off.
     rng = np.random.default_rng(np.random.SeedSequence([seed, PROBE_KEY]))
     probe = rng.standard_normal(y.shape).astype(np.float32)
+    if correlation is not None:  # SURE for correlated noise: a probe with the noise's covariance
+        from medgen.denoising.correlated import color
+
+        probe = color(probe, correlation).astype(np.float32)
     eps = 0.05 * sigma  # small against sigma (bias O(eps^2)), large against float32/bf16 rounding
     yp = y + eps * probe
     best = Candidate(0.0, 0.0, sigma**2, y)
