@@ -143,6 +143,31 @@ def sample_data(
     console.print(f"{len(items)} items in {out} (provenance and licences: {out / 'README.md'})")
 
 
+@app.command()
+def covariates(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML config with a covariates section.", exists=True)],
+    manifest: Annotated[
+        Path, typer.Option("--manifest", "-m", help="manifest.csv written by `medgen ingest`.", exists=True)
+    ],
+) -> None:
+    """Validate a participants.tsv / per-scan CSV against the config and join it to the manifest:
+    writes covariates.csv (keyed by pseudonymous scan_id) beside the manifest."""
+    from medgen.datasets.covariates import load_covariates, write_covariates
+
+    cfg = _load_config(config)
+    cfg.require("covariates")
+    table = load_covariates(cfg.covariates, manifest)
+    out = write_covariates(table, cfg.covariates, manifest.parent / "covariates.csv")
+    console = _console()
+    console.print(f"-> {out}: {len(table.values)} scans with {len(cfg.covariates.columns)} covariates")
+    for sid, why in sorted(table.dropped.items()):
+        console.print(f"   left out {sid}: {why}")
+    for line in table.imputed:
+        console.print(f"   imputed {line}")
+    if table.unmatched:
+        console.print(f"   {len(table.unmatched)} table rows match no accepted scan")
+
+
 train_app = typer.Typer(
     no_args_is_help=True, help="Train the latent diffusion model: autoencoder first, then diffusion."
 )

@@ -213,10 +213,23 @@ class ScoreNetworkConfig(_Strict):
         return self
 
 
+class DenoiseAugmentConfig(_Strict):
+    """Random changes to each clean training patch (medgen.denoising.augment), so the prior covers
+    scans unlike the few that ship: other contrasts, intensity scalings, coil bias, thick slices."""
+
+    scale: tuple[float, float] = (0.8, 1.2)  # intensity multiplier range
+    gamma: tuple[float, float] = (0.6, 1.6)  # contrast: x ** gamma, gamma log-uniform in the range
+    invert: float = Field(0.25, ge=0, le=1)  # probability of inverted tissue contrast (T1 -> T2-like)
+    bias: float = Field(0.2, ge=0)  # SD of a linear log-bias field's slope across the patch
+    blur: float = Field(1.0, ge=0)  # up to this Gaussian SD (voxels) along one random axis
+    p: float = Field(0.8, ge=0, le=1)  # probability that a patch is augmented at all
+
+
 class DenoiserConfig(ScoreNetworkConfig):
     """The score model's training stage: the network plus the training loop's settings."""
 
     train: StageTrainConfig
+    augment: DenoiseAugmentConfig | None = None
 
 
 class SelfSupervisedConfig(_Strict):
@@ -228,6 +241,54 @@ class SelfSupervisedConfig(_Strict):
     noise: Literal["gaussian", "rician"] = "gaussian"
     sigma: float | None = Field(None, gt=0)
     train: StageTrainConfig
+
+
+class CovariateColumn(_Strict):
+    """One declared column. Categorical: its levels (the table's spelling, case-sensitive).
+    Continuous: its inclusive range. missing: 'error' refuses a missing cell, 'drop' leaves that
+    subject's scans out (reported), 'impute' fills the median (continuous) or `fill` (categorical)."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["categorical", "continuous"]
+    levels: list[str] | None = None
+    range: tuple[float, float] | None = None
+    missing: Literal["error", "drop", "impute"] = "error"
+    fill: str | None = None  # the level a missing categorical cell becomes with missing: impute
+
+    @model_validator(mode="after")
+    def _check(self) -> "CovariateColumn":
+        if self.kind == "categorical":
+            if not self.levels or len(set(self.levels)) != len(self.levels):
+                raise ValueError(f"categorical column {self.name!r} needs a list of distinct levels")
+            if self.range is not None:
+                raise ValueError(f"categorical column {self.name!r} takes levels, not a range")
+            if self.missing == "impute" and self.fill not in self.levels:
+                raise ValueError(f"column {self.name!r}: missing: impute needs fill set to one of its levels")
+        else:
+            if self.range is None or not (self.range[0] < self.range[1]):
+                raise ValueError(f"continuous column {self.name!r} needs a range [low, high] with low < high")
+            if self.levels is not None:
+                raise ValueError(f"continuous column {self.name!r} takes a range, not levels")
+        return self
+
+
+class CovariatesConfig(_Strict):
+    """Where the table is and what it holds. key: 'participant' (a BIDS participant_id, sub-XX,
+    matched through the ingest salt) or 'scan' (a manifest scan_id or source path per row)."""
+
+    table: Path
+    key: Literal["participant", "scan"] = "participant"
+    key_column: str = "participant_id"
+    columns: list[CovariateColumn] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "CovariatesConfig":
+        names = [c.name for c in self.columns]
+        if len(set(names)) != len(names):
+            raise ValueError("covariates.columns: a column is declared twice")
+        if self.key_column in names:
+            raise ValueError("covariates.key_column cannot also be a covariate")
+        return self
 
 
 class FeatureEncoderConfig(_Strict):
@@ -321,6 +382,7 @@ class PipelineConfig(_Strict):
     generate: GenerateConfig = GenerateConfig()
     denoiser: DenoiserConfig | None = None
     self_supervised: SelfSupervisedConfig | None = None
+    covariates: CovariatesConfig | None = None
     quality: QualityConfig = QualityConfig()
     export: ExportConfig = ExportConfig()
     denoise: DenoiseJobConfig | None = None

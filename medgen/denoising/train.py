@@ -85,6 +85,10 @@ def train_score(
             dims = [a for a in range(3) if flips[k, a]]
             patches.append(torch.flip(x, dims) if dims else x)
         x0 = torch.stack(patches)[:, None]
+        if cfg.augment is not None:
+            from medgen.denoising.augment import augment
+
+            x0 = augment(x0, cfg.augment, ctx)
         sigma = torch.exp(log_lo + ctx.rand((b,)) * (log_hi - log_lo))
         t = schedule.time_of_torch(sigma)
         scale = (1.0 / (1.0 + sigma**2)).sqrt()[:, None, None, None, None]
