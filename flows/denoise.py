@@ -47,6 +47,7 @@ def run_denoise(config_path: str, out: str | None = None) -> list[dict]:
         "n_samples": job.n_samples,
         "seed": job.seed,
         "precision": job.precision,
+        "adapt": job.adapt,
     }
     model_sha = model_folder_sha256(model)
     futures = []

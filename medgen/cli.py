@@ -200,7 +200,7 @@ def train_denoiser_cmd(
 ) -> None:
     """The score model for `medgen denoise --model RUN/score_model`, on your own scans."""
     if self_supervised:
-        from medgen.denoising.adapt import train_self_supervised
+        from medgen.denoising.train import train_self_supervised
 
         path = train_self_supervised(_load_config(config), manifest, out, device=device)
     else:

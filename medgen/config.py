@@ -346,6 +346,7 @@ class DenoiseJobConfig(_Strict):
     n_samples: int = Field(4, ge=1)
     seed: int = 0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # medgen.models.precision
+    adapt: int = Field(0, ge=0)  # self-supervised steps on each scan first (medgen.denoise adapt=)
 
 
 class TorchrunConfig(_Strict):

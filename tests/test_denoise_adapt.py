@@ -212,3 +212,22 @@ def test_cli_measures_sigma_from_a_repeat_and_refuses_one_on_another_grid(tmp_pa
         ],
     )
     assert r.exit_code != 0 and not (tmp_path / "p.nii.gz").exists()
+
+
+def test_training_augmentation_is_seeded_varied_and_keeps_clean_patches_plausible():
+    import torch
+
+    from medgen.config import DenoiseAugmentConfig
+    from medgen.denoising.augment import augment
+    from medgen.training.loop import StepContext, step_generator
+
+    def ctx(step):
+        return StepContext(step, 0, step_generator(0, step, 0, 0, torch.device("cpu")), torch.device("cpu"))
+
+    x = torch.rand(6, 1, 16, 16, 16)
+    cfg = DenoiseAugmentConfig(p=1.0, invert=0.5)
+    a, b, c = augment(x, cfg, ctx(3)), augment(x, cfg, ctx(3)), augment(x, cfg, ctx(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)  # the step's generator decides: exact resume holds
+    assert a.shape == x.shape and torch.isfinite(a).all() and (a >= 0).all() and a.max() < 2.5
+    assert (a - x).abs().mean() > 0.02
+    assert torch.equal(augment(x, DenoiseAugmentConfig(p=0.0), ctx(3)), x)

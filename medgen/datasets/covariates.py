@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,17 +99,23 @@ def load_covariates(cfg: CovariatesConfig, manifest: str | Path, salt: str | Non
         raise CovariateError(f"{path}: declared column(s) not in the table: {', '.join(missing)} (it has {header})")
     scans = [r for r in read_rows(manifest) if r["status"] == "accepted"]
     if cfg.key == "participant":
-        from medgen.ingestion.run import _BIDS_SUBJECT, _salt, _subject_id
+        from medgen.io.pseudonyms import BIDS_SUBJECT, ingest_salt, subject_id
 
-        key_salt = salt or _salt(manifest.parent / ".medgen", None)
+        state = manifest.parent / ".medgen"
+        if not (salt or os.environ.get("MEDGEN_SUBJECT_SALT") or (state / "salt").is_file()):
+            raise CovariateError(
+                f"{manifest}: the ingest folder's salt ({state / 'salt'}) is missing, so participant labels "
+                "cannot be matched to its pseudonyms; give the salt ingest used (MEDGEN_SUBJECT_SALT)"
+            )
+        key_salt = ingest_salt(state, salt)  # reads it; never makes a new one here
         by_key: dict[str, list[str]] = {}
         for r in scans:
             by_key.setdefault(r["subject_id"], []).append(r["scan_id"])
 
         def scans_of(key: str, where: str) -> list[str]:
-            if not _BIDS_SUBJECT.match(key):
+            if not BIDS_SUBJECT.match(key):
                 raise CovariateError(f"{where}: {cfg.key_column}={key!r} is not a BIDS participant label (sub-<label>)")
-            return by_key.get(_subject_id(key_salt, "bids:" + key), [])
+            return by_key.get(subject_id(key_salt, "bids:" + key), [])
     else:
         index = {r["scan_id"]: r["scan_id"] for r in scans} | {r["source"]: r["scan_id"] for r in scans}
 
@@ -127,12 +134,12 @@ def load_covariates(cfg: CovariatesConfig, manifest: str | Path, salt: str | Non
         if key in seen:
             raise CovariateError(f"{where}: {cfg.key_column}={key!r} appears twice (first on line {seen[key]})")
         seen[key] = line
-        values = {c.name: _parse(row[c.name], c, where) for c in cfg.columns}
+        cells = {c.name: _parse(row[c.name], c, where) for c in cfg.columns}
         ids = scans_of(key, where)
         if not ids:
             unmatched.append(key)
         for sid in ids:
-            parsed[sid] = values
+            parsed[sid] = cells
             origin[sid] = f"line {line} ({key})"
     # missing values, as each column says; a continuous 'impute' takes the median of what is present
     medians = {}

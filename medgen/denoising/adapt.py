@@ -17,9 +17,9 @@ For Rician magnitude data the loss covers the voxels above 3 s only, where the n
 first order (the same restriction as the SURE selection at inference, which still guards the
 adapted model's output: a fine-tuning that went wrong cannot make the scan worse than the input).
 
-Two entry points: `adapt_to_scan` (one scan, in memory: `medgen.denoise(..., adapt=steps)`) and
-`train_self_supervised` (a manifest's scans, checkpointed and resumable through the shared training
-loop: `medgen train denoiser --self-supervised`).
+Two entry points: `adapt_to_scan` here (one scan, in memory: `medgen.denoise(..., adapt=steps)`)
+and medgen.denoising.train.train_self_supervised (a manifest's scans, checkpointed and resumable
+through the shared training loop: `medgen train denoiser --self-supervised`).
 """
 
 from __future__ import annotations
@@ -27,17 +27,30 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from medgen.config import StageTrainConfig
 from medgen.models.score import NoiseSchedule, ScoreModel
-from medgen.training.loop import StepContext, step_generator
+from medgen.seeding import keyed_generator
 
 PROBE_EPS = 0.02  # the probe's step, as a fraction of s: O(e^2) bias, far above fp32 rounding
+
+
+@dataclass
+class Draws:
+    """The random draws of one step (the shared training loop's StepContext has the same two
+    methods; this module is used at inference too, which must not import the training layer)."""
+
+    generator: torch.Generator
+    device: torch.device
+
+    def randn(self, shape) -> torch.Tensor:
+        return torch.randn(tuple(shape), generator=self.generator, device=self.device)
+
+    def rand(self, shape) -> torch.Tensor:
+        return torch.rand(tuple(shape), generator=self.generator, device=self.device)
 
 
 @dataclass
@@ -74,7 +87,7 @@ def patch_shape(shapes: list[tuple[int, ...]], patch: tuple[int, int, int], down
 
 
 def sure_loss(
-    unet: torch.nn.Module, schedule: NoiseSchedule, scans: list[NoisyScan], idx: list[int], patch, ctx: StepContext
+    unet: torch.nn.Module, schedule: NoiseSchedule, scans: list[NoisyScan], idx: list[int], patch, ctx
 ) -> torch.Tensor:
     """SURE / s^2 of the Tweedie denoiser on one random patch (random flips) of each scans[i]."""
     b = len(idx)
@@ -120,7 +133,7 @@ def _fit(model: ScoreModel, scans: list[NoisyScan], train: StageTrainConfig, dev
     losses = []
     order = np.random.default_rng(train.seed)
     for step in range(train.steps):
-        ctx = StepContext(step, 0, step_generator(train.seed, step, 0, 0, device), device)
+        ctx = Draws(keyed_generator(f"adapt:{train.seed}:{step}", device), device)
         idx = [int(i) for i in order.integers(0, len(scans), train.batch_size)]
         loss = sure_loss(unet, model.schedule, scans, idx, patch, ctx)
         opt.zero_grad(set_to_none=True)
@@ -154,75 +167,3 @@ def adapt_to_scan(
     scans = [noisy_scan(y, sigma, patch, rician, dev, correlation)]
     train = StageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     return _fit(model, scans, train, dev)
-
-
-def train_self_supervised(
-    cfg, manifest: str | Path, run_dir: str | Path, *, device: str | None = None, stop_after: int | None = None
-) -> Path:
-    """`medgen train denoiser --self-supervised`: the manifest's accepted scans (the config's data
-    section selects them) fine-tune the model named by `self_supervised.init` (default: the shipped
-    one) with the SURE loss; writes RUN/score_model, resumable from RUN/score_ss checkpoints.
-
-    The scans are read on their own voxel grid (never resampled: interpolation would correlate the
-    noise and change its level) and each gets its own sigma (given in the config, or estimated)."""
-    from medgen.datasets.prepared import manifest_items
-    from medgen.denoising.denoiser import estimate_sigma
-    from medgen.denoising.normalise import normalise
-    from medgen.errors import MedgenError
-    from medgen.io.load import load_volume
-    from medgen.models.score import load_score_model, save_score_model
-    from medgen.provenance import sha256_file
-    from medgen.training.loop import Part, Trainer, init_distributed, unwrap, wrap
-
-    cfg.require("data", "self_supervised")
-    ss = cfg.self_supervised
-    d = init_distributed(device)
-    base = load_score_model(ss.init, device=d.device)
-    items = manifest_items(manifest, cfg.data)
-    if not items:
-        raise MedgenError(f"{manifest}: no accepted scans match the config's data section: nothing to fine-tune on")
-    rician = ss.noise == "rician"
-    raw, sigmas = [], []
-    for it in items:
-        data = load_volume(it["image"]).data
-        s_units = ss.sigma if ss.sigma is not None else estimate_sigma(data, ss.noise)
-        y, lo, hi = normalise(data, s_units)
-        raw.append(y)
-        sigmas.append(s_units / (hi - lo))
-    patch = patch_shape([r.shape for r in raw], base.cfg.patch, base.downsample)
-    scans = [noisy_scan(r, s, patch, rician, d.device) for r, s in zip(raw, sigmas)]
-    unet = base.unet.train()
-    model = wrap(unet, d)
-    part = Part("score", model, torch.optim.AdamW(model.parameters(), lr=ss.train.lr), ss.train.ema_decay)
-
-    def step_fn(ctx, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"score": sure_loss(model, base.schedule, scans, [int(i) for i in idx], patch, ctx)}
-
-    index = torch.arange(len(scans), dtype=torch.long)
-    run = Path(run_dir)
-    final = Trainer(run / "score_ss", ss.train, [part], step_fn, index, d, name="score_ss").fit(stop_after=stop_after)
-    out = run / "score_model"
-    if final < ss.train.steps or not d.is_main:
-        return out
-    init_prov = base.metadata.get("provenance", {})
-    provenance: dict[str, Any] = {
-        "command": "medgen train denoiser --self-supervised",
-        "loss": "SURE (self-supervised: noisy scans only)",
-        "init": {  # named by what it is, never by where it lay on this machine
-            "name": base.path.name if base.path is not None else "in-memory model",
-            "command": init_prov.get("command"),
-            "steps": init_prov.get("steps"),
-            "seed": init_prov.get("seed"),
-            "file_sha256": base.metadata.get("files", {}),
-        },
-        "training_manifest_sha256": sha256_file(manifest),
-        "training_data": [
-            {"name": i["scan_id"], "sha256": i["sha256"], "sigma": round(float(s), 6)} for i, s in zip(items, sigmas)
-        ],
-        "noise": ss.noise,
-        "config_name": cfg.name,
-        "steps": final,
-        "seed": ss.train.seed,
-    }
-    weights = part.ema if part.ema is not None else unwrap(model).state_dict()
-    return save_score_model(out, base.cfg, weights, provenance)

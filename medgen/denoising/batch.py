@@ -174,6 +174,7 @@ def denoise_scan(
     seed: int = 0,
     device: str | None = None,
     precision: str = "auto",
+    adapt: int = 0,
 ) -> dict:
     """Denoise one scan into OUT_DIR/<name>_denoised.nii.gz (+ DICOM for DICOM input); a small record back."""
     from medgen.denoising.denoiser import denoise_detailed
@@ -189,8 +190,9 @@ def denoise_scan(
         n_samples=n_samples,
         seed=seed,
         device=device,
-        precision=precision,
-    )  # type: ignore[arg-type]
+        precision=precision,  # type: ignore[arg-type]
+        adapt=adapt,
+    )
     from medgen.io.dicom.write import SOP_CLASS
 
     out = Path(out_dir) / f"{ref.name}_denoised.nii.gz"

@@ -50,7 +50,7 @@ def color(z, rho: tuple[float, float, float], axes: tuple[int, int, int] = (0, 1
 def correlation_from_repeats(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     """Lag-1 autocorrelation of the noise per axis, from two acquisitions of the same scan (their
     difference is noise only); voxel pairs where either scan is blank (exact zero) are left out."""
-    from medgen.denoising.denoiser import masked_background
+    from medgen.denoising.background import masked_background
 
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     keep = np.ones(a.shape, bool)

@@ -28,6 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from medgen.denoising.background import masked_background
 from medgen.denoising.normalise import normalise
 from medgen.errors import DenoiseError, FourDimensionalError, NotAVolumeError
 from medgen.io.nifti import check_values
@@ -100,20 +101,6 @@ def _haar_hhh(y: np.ndarray) -> np.ndarray:
         return d
     inside = np.all([blank[i::2, j::2, k::2] for i in (0, 1) for j in (0, 1) for k in (0, 1)], axis=0)
     return d[~inside] if not inside.all() else d
-
-
-BLANK_FRACTION = 0.05  # of voxels exactly equal to the scan's minimum: a masked background
-
-
-def masked_background(data: np.ndarray) -> np.ndarray | None:
-    """Where a scan holds no measurement: voxels exactly at 0 (or at its minimum, e.g. -1024 HU
-    padding), when there are many of them (a skull-stripped or scanner-masked background, zero
-    padding). None when there is no such region (a noisy background never sits at one value)."""
-    for value in (0.0, float(data.min())):
-        blank = data == value
-        if blank.mean() > BLANK_FRACTION:
-            return blank
-    return None
 
 
 def estimate_sigma(data: np.ndarray, noise: Noise = "gaussian") -> float:

@@ -104,3 +104,75 @@ def train_score(
         return out
     weights = part.ema if part.ema is not None else unwrap(model).state_dict()
     return save_score_model(out, cfg, weights, {**(provenance or {}), "steps": final, "seed": cfg.train.seed})
+
+
+def train_self_supervised(
+    cfg, manifest: str | Path, run_dir: str | Path, *, device: str | None = None, stop_after: int | None = None
+) -> Path:
+    """`medgen train denoiser --self-supervised`: the manifest's accepted scans (the config's data
+    section selects them) fine-tune the model named by `self_supervised.init` (default: the shipped
+    one) with the SURE loss; writes RUN/score_model, resumable from RUN/score_ss checkpoints.
+
+    The scans are read on their own voxel grid (never resampled: interpolation would correlate the
+    noise and change its level) and each gets its own sigma (given in the config, or estimated)."""
+    from medgen.datasets.prepared import manifest_items
+    from medgen.denoising.adapt import noisy_scan, patch_shape, sure_loss
+    from medgen.denoising.denoiser import estimate_sigma
+    from medgen.denoising.normalise import normalise
+    from medgen.errors import MedgenError
+    from medgen.io.load import load_volume
+    from medgen.models.score import load_score_model
+    from medgen.provenance import sha256_file
+
+    cfg.require("data", "self_supervised")
+    ss = cfg.self_supervised
+    d = init_distributed(device)
+    base = load_score_model(ss.init, device=d.device)
+    items = manifest_items(manifest, cfg.data)
+    if not items:
+        raise MedgenError(f"{manifest}: no accepted scans match the config's data section: nothing to fine-tune on")
+    rician = ss.noise == "rician"
+    raw, sigmas = [], []
+    for it in items:
+        data = load_volume(it["image"]).data
+        s_units = ss.sigma if ss.sigma is not None else estimate_sigma(data, ss.noise)
+        y, lo, hi = normalise(data, s_units)
+        raw.append(y)
+        sigmas.append(s_units / (hi - lo))
+    patch = patch_shape([r.shape for r in raw], base.cfg.patch, base.downsample)
+    scans = [noisy_scan(r, s, patch, rician, d.device) for r, s in zip(raw, sigmas)]
+    unet = base.unet.train()
+    model = wrap(unet, d)
+    part = Part("score", model, torch.optim.AdamW(model.parameters(), lr=ss.train.lr), ss.train.ema_decay)
+
+    def step_fn(ctx, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"score": sure_loss(model, base.schedule, scans, [int(i) for i in idx], patch, ctx)}
+
+    index = torch.arange(len(scans), dtype=torch.long)
+    run = Path(run_dir)
+    final = Trainer(run / "score_ss", ss.train, [part], step_fn, index, d, name="score_ss").fit(stop_after=stop_after)
+    out = run / "score_model"
+    if final < ss.train.steps or not d.is_main:
+        return out
+    init_prov = base.metadata.get("provenance", {})
+    provenance: dict[str, Any] = {
+        "command": "medgen train denoiser --self-supervised",
+        "loss": "SURE (self-supervised: noisy scans only)",
+        "init": {  # named by what it is, never by where it lay on this machine
+            "name": base.path.name if base.path is not None else "in-memory model",
+            "command": init_prov.get("command"),
+            "steps": init_prov.get("steps"),
+            "seed": init_prov.get("seed"),
+            "file_sha256": base.metadata.get("files", {}),
+        },
+        "training_manifest_sha256": sha256_file(manifest),
+        "training_data": [
+            {"name": i["scan_id"], "sha256": i["sha256"], "sigma": round(float(s), 6)} for i, s in zip(items, sigmas)
+        ],
+        "noise": ss.noise,
+        "config_name": cfg.name,
+        "steps": final,
+        "seed": ss.train.seed,
+    }
+    weights = part.ema if part.ema is not None else unwrap(model).state_dict()
+    return save_score_model(out, base.cfg, weights, provenance)

@@ -17,12 +17,10 @@ import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
-import hmac
 import json
 import multiprocessing
 import os
 import re
-import secrets
 import sys
 import threading
 import time
@@ -46,6 +44,10 @@ from medgen.io.dicom.series import DEFAULT_MAX_VOXELS, DicomHeader, DicomSeries,
 from medgen.io.discover import discover, is_candidate, list_files
 from medgen.io.manifest import assign_split, read_rows, row_problems, write_manifest
 from medgen.io.nifti import FrameMode, is_nifti, read_nifti, write_nifti
+from medgen.io.pseudonyms import BIDS_SUBJECT as _BIDS_SUBJECT
+from medgen.io.pseudonyms import digest as _digest
+from medgen.io.pseudonyms import ingest_salt as _salt
+from medgen.io.pseudonyms import subject_id as _subject_id
 from medgen.io.sidecar import sidecar_path, write_sidecar
 from medgen.text import printable
 from medgen.threads import limit_threads, share
@@ -53,7 +55,6 @@ from medgen.threads import limit_threads, share
 STATE_DIR = ".medgen"
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 _FRAME_SUFFIX = re.compile(r"-t[0-9]{4}$")
-_BIDS_SUBJECT = re.compile(r"^sub-[A-Za-z0-9]+$")
 
 
 @dataclass(frozen=True)
@@ -232,23 +233,6 @@ def keyed_uid(salt: str, uid: str) -> str:
     return "k-" + _digest(salt, "uid:" + uid) if uid else ""
 
 
-def _salt(state: Path, salt: str | None) -> str:
-    """The secret behind the pseudonyms: given, from MEDGEN_SUBJECT_SALT, or made once and kept."""
-    if salt:
-        return salt
-    if os.environ.get("MEDGEN_SUBJECT_SALT"):
-        return os.environ["MEDGEN_SUBJECT_SALT"]
-    f = state / "salt"
-    if not f.exists():
-        write_text_atomic(f, secrets.token_hex(32))
-        f.chmod(0o600)
-    return f.read_text().strip()
-
-
-def _digest(salt: str, message: str) -> str:
-    return hmac.new(salt.encode(), message.encode(), hashlib.sha256).hexdigest()[:16]
-
-
 # --------------------------------------------------------------------------- units
 
 
@@ -262,10 +246,6 @@ def _relative_key(path: Path, roots: Sequence[Path]) -> str:
         except ValueError:
             continue
     return str(ap)
-
-
-def _subject_id(salt: str, key: str) -> str:
-    return "sub-" + _digest(salt, "subject:" + key) if key else ""
 
 
 def _dicom_subject_id(salt: str, ids: dict[str, str]) -> str:

@@ -85,7 +85,7 @@ def save_score_model(
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "denoiser": cfg.model_dump(mode="json", exclude={"train"}),
+        "denoiser": cfg.model_dump(mode="json", exclude={"train", "augment"}),  # training-only settings: in provenance
         "normalisation": "intensities scaled so the 99.5th percentile is 1 (and the 0.5th is 0 when values go negative); sigma is in those units",
         "provenance": provenance,
     }
