@@ -480,7 +480,7 @@ def denoise_detailed(
     samples = [units(_posterior(net, y, s, sm.schedule, gen, max_steps)) for _ in range(n_samples)]
     stack = np.stack(samples)
     mean = stack.mean(0)
-    std = stack.std(0) if n_samples > 1 else np.zeros_like(mean)
+    std = stack.std(0, ddof=1) if n_samples > 1 else np.zeros_like(mean)  # unbiased variance: n is small (2-8)
     return DenoiseResult(
         as_vol(mean, desc + f", mean of {n_samples}"),
         as_vol(std.astype(np.float32), "posterior standard deviation"),
