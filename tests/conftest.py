@@ -67,3 +67,24 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def ingest_phantom_subjects(root: Path, shape=(24, 24, 24), noise: float = 0.0, n: int = 3, seed: int = 0):
+    """n BIDS subjects of one random-ellipsoid phantom each (x800, optional Gaussian noise of
+    `noise` before scaling), ingested into root/ing; the ingest report back. A manifest for the
+    denoiser-training CLI tests."""
+    import nibabel as nib
+
+    from medgen import ingest
+    from medgen.demo_data import random_phantom
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        (root / "src" / f"sub-{i}").mkdir(parents=True)
+        x = random_phantom(shape, rng)
+        if noise:
+            x = x + noise * rng.standard_normal(shape)
+        nib.save(
+            nib.Nifti1Image((x * 800).astype(np.float32), np.eye(4)), root / "src" / f"sub-{i}" / f"sub-{i}_T1w.nii.gz"
+        )
+    return ingest(root / "src", root / "ing")

@@ -302,22 +302,13 @@ def test_a_non_ct_mr_dicom_series_is_denoised_to_nifti_with_a_note_not_relabelle
 
 
 def test_cli_trains_a_denoiser_from_a_manifest(tmp_path):
-    import nibabel as nib
     import yaml
+    from conftest import ingest_phantom_subjects
     from typer.testing import CliRunner
 
-    from medgen import ingest
     from medgen.cli import app
-    from medgen.demo_data import random_phantom
 
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        (tmp_path / "src" / f"sub-{i}").mkdir(parents=True)
-        nib.save(
-            nib.Nifti1Image(random_phantom((24, 24, 24), rng) * 800, np.eye(4)),
-            tmp_path / "src" / f"sub-{i}" / f"sub-{i}_T1w.nii.gz",
-        )
-    report = ingest(tmp_path / "src", tmp_path / "ing")
+    report = ingest_phantom_subjects(tmp_path)
     cfg = {
         "data": {
             "splits": ["train", "val", "test"],

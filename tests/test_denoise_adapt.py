@@ -52,6 +52,14 @@ def test_denoise_adapt_keeps_the_model_sure_expects_better_and_says_so(noisy_pha
         denoise_detailed(noisy, sigma=sigma, device="cpu", adapt=-1)
 
 
+@pytest.mark.parametrize("rho", [(0.2, 0.3), (0.2, 1.0, 0.0), (float("nan"), 0.0, 0.0)])
+def test_a_bad_noise_correlation_is_refused_clearly(noisy_phantom, rho):
+    from medgen.errors import DenoiseError
+
+    with pytest.raises(DenoiseError, match="noise_correlation must be three lag-1 correlations"):
+        denoise_detailed(noisy_phantom[1], sigma=0.05, device="cpu", noise_correlation=rho)
+
+
 def test_patches_narrow_to_a_thin_scan():
     assert patch_shape([(2, 256, 256), (40, 40, 40)], (32, 32, 32), 4) == (4, 32, 32)
     assert patch_shape([(48, 48, 40)], (32, 32, 32), 4) == (32, 32, 32)
@@ -72,23 +80,13 @@ def test_progress_counts_every_window_it_runs():
 def test_cli_fine_tunes_the_shipped_model_on_a_noisy_collection(tmp_path):
     import json
 
-    import nibabel as nib
     import yaml
+    from conftest import ingest_phantom_subjects
     from typer.testing import CliRunner
 
-    from medgen import ingest
     from medgen.cli import app
-    from medgen.demo_data import random_phantom
 
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        (tmp_path / "src" / f"sub-{i}").mkdir(parents=True)
-        noisy = random_phantom((24, 24, 28), rng) + 0.05 * rng.standard_normal((24, 24, 28))
-        nib.save(
-            nib.Nifti1Image((noisy * 800).astype(np.float32), np.eye(4)),
-            tmp_path / "src" / f"sub-{i}" / f"sub-{i}_T1w.nii.gz",
-        )
-    report = ingest(tmp_path / "src", tmp_path / "ing")
+    report = ingest_phantom_subjects(tmp_path, shape=(24, 24, 28), noise=0.05)
     cfg = {
         "data": {
             "splits": ["train", "val", "test"],

@@ -125,9 +125,10 @@ def sure_loss(
     return ((fit - s**2 + 2 * s**2 * div) / s**2).mean()
 
 
-def _fit(model: ScoreModel, scans: list[NoisyScan], train: StageTrainConfig, device) -> tuple[ScoreModel, list[float]]:
+def _fit(
+    model: ScoreModel, scans: list[NoisyScan], patch, train: StageTrainConfig, device
+) -> tuple[ScoreModel, list[float]]:
     """A plain loop (no checkpoints: one scan's adaptation takes seconds to minutes)."""
-    patch = patch_shape([tuple(v.data.shape) for v in scans], model.cfg.patch, model.downsample)
     unet = copy.deepcopy(model.unet).to(device).train()
     opt = torch.optim.AdamW(unet.parameters(), lr=train.lr)
     losses = []
@@ -166,4 +167,4 @@ def adapt_to_scan(
     patch = patch_shape([y.shape], model.cfg.patch, model.downsample)
     scans = [noisy_scan(y, sigma, patch, rician, dev, correlation)]
     train = StageTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
-    return _fit(model, scans, train, dev)
+    return _fit(model, scans, patch, train, dev)

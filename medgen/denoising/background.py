@@ -20,3 +20,14 @@ def masked_background(data: np.ndarray) -> np.ndarray | None:
         if blank.mean() > BLANK_FRACTION:
             return blank
     return None
+
+
+def measured_in_all(*scans: np.ndarray) -> np.ndarray:
+    """Voxels that are measured (not in a masked background) in every one of `scans`: where two
+    repeats can be compared."""
+    keep = np.ones(scans[0].shape, bool)
+    for x in scans:
+        blank = masked_background(x)
+        if blank is not None:
+            keep &= ~blank
+    return keep

@@ -50,14 +50,10 @@ def color(z, rho: tuple[float, float, float], axes: tuple[int, int, int] = (0, 1
 def correlation_from_repeats(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float]:
     """Lag-1 autocorrelation of the noise per axis, from two acquisitions of the same scan (their
     difference is noise only); voxel pairs where either scan is blank (exact zero) are left out."""
-    from medgen.denoising.background import masked_background
+    from medgen.denoising.background import measured_in_all
 
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    keep = np.ones(a.shape, bool)
-    for x in (a, b):
-        blank = masked_background(x)
-        if blank is not None:
-            keep &= ~blank
+    keep = measured_in_all(a, b)
     d = np.where(keep, a - b, 0.0)
     d = np.where(keep, d - d[keep].mean(), 0.0)
     out = []

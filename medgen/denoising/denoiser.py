@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from medgen.denoising.background import masked_background
+from medgen.denoising.background import masked_background, measured_in_all
 from medgen.denoising.normalise import normalise
 from medgen.errors import DenoiseError, FourDimensionalError, NotAVolumeError
 from medgen.io.nifti import check_values
@@ -155,11 +155,7 @@ def estimate_sigma_from_repeats(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
         raise DenoiseError(f"repeats must have one shape, got {a.shape} and {b.shape}")
-    keep = np.ones(a.shape, bool)
-    for x in (a, b):
-        blank = masked_background(x)
-        if blank is not None:
-            keep &= ~blank
+    keep = measured_in_all(a, b)
     d = (a - b)[keep]
     if d.size < 64:
         raise DenoiseError(f"repeats share only {d.size} non-blank voxels: too few to estimate the noise")
