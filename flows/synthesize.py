@@ -28,12 +28,11 @@ def generate_task(generator: str, indices: list[int], out: str, settings: dict, 
 
 
 @task(cache_key_fn=by_key, persist_result=True)
-def record_task(
-    out: str, generator: str, entries: list[dict], sampler: str, steps: int, seed: int, cache_key: str
-) -> str:
+def record_task(out: str, generator: str, entries: list[dict], settings: dict, cache_key: str) -> str:
     from medgen.synthesis.runs import SynthVolume, write_record
 
-    write_record(out, generator, [SynthVolume(**e) for e in entries], sampler=sampler, steps=steps, seed=seed)
+    keep = ("sampler", "steps", "seed", "condition", "guidance")
+    write_record(out, generator, [SynthVolume(**e) for e in entries], **{k: settings[k] for k in keep})
     return out
 
 
@@ -70,7 +69,7 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
     import torch
 
     from medgen.provenance import model_folder_sha256
-    from medgen.synthesis.runs import RECORD, model_sampler
+    from medgen.synthesis.runs import RECORD, model_condition, model_sampler
 
     cfg = config(config_path)
     g = cfg.generate
@@ -84,6 +83,8 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
         "batch_size": g.batch_size,
         "device": device,
         "decode_roi": g.decode_roi,
+        "condition": model_condition(generator, g.condition),
+        "guidance": g.guidance,
     }
     base = {"generator": model_folder_sha256(generator), **settings, "out": str(run.resolve())}
     chunks = [list(range(i, min(g.n, i + g.chunk))) for i in range(0, g.n, g.chunk)]
@@ -108,9 +109,7 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
         stamp(run, f"generate-{idx[0]}-{idx[-1]}", key, files)
     rec_key = cached({"task": "record", **base, "volumes": sorted(e["sha256"] for e in entries)})
     ok = fresh(run, "record", rec_key, [run / RECORD])
-    record_task.with_options(refresh_cache=not ok, **io)(
-        str(run), generator, entries, settings["sampler"], g.steps, g.seed, **{KEY_PARAM: rec_key}
-    )
+    record_task.with_options(refresh_cache=not ok, **io)(str(run), generator, entries, settings, **{KEY_PARAM: rec_key})
     stamp(run, "record", rec_key, [run / RECORD])
     manifest = _training_manifest(generator)
     v_key = cached(

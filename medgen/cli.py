@@ -290,25 +290,66 @@ def generate(
         Path | None, typer.Option("--config", "-c", help="Config whose `generate` section sets sampler and steps.")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
+    condition: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--condition",
+            help="A conditioned generator: COLUMN=VALUE, repeatable (--condition sex=F --condition age=70); "
+            "columns left out stay open. Default: the config's `generate.condition`.",
+        ),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Classifier-free guidance weight: 1 as trained (default), more follows the condition harder, 0 ignores it.",
+        ),
+    ] = None,
 ) -> None:
     """Generate synthetic volumes (NIfTI, model geometry and units) into a run folder for `medgen validate`."""
+    from medgen.models.conditions import parse_condition_args
+
     g = _load_config(config).generate if config else None
     chosen = sampler.value if sampler else (g.sampler if g else None)
-    _run_generate(model, n, out, chosen, steps or (g.steps if g else 50), seed, batch_size, device)
+    asked = parse_condition_args(condition) if condition else (g.condition if g else None)
+    weight = guidance if guidance is not None else (g.guidance if g else 1.0)
+    _run_generate(model, n, out, chosen, steps or (g.steps if g else 50), seed, batch_size, device, asked, weight)
 
 
 def _run_generate(
-    model: Path, n: int, out: Path, sampler: str | None, steps: int, seed: int, batch_size: int, device: str | None
+    model: Path,
+    n: int,
+    out: Path,
+    sampler: str | None,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    device: str | None,
+    condition: dict | None = None,
+    guidance: float = 1.0,
 ):
     import time
 
     from medgen.synthesis.runs import synthesize
 
     t0 = time.perf_counter()
-    record = synthesize(model, n, out, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size, device=device)
+    record = synthesize(
+        model,
+        n,
+        out,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        condition=condition,
+        guidance=guidance,
+    )
     seconds = time.perf_counter() - t0
+    asked = f", condition {record.condition} at guidance {record.guidance:g}" if record.condition else ""
     _console().print(
-        f"{n} volumes in {seconds:.1f} s with {record.sampler}-{steps} -> {out / 'volumes'} (record: {out / 'synthesis.json'})"
+        f"{n} volumes in {seconds:.1f} s with {record.sampler}-{steps}{asked} -> {out / 'volumes'} "
+        f"(record: {out / 'synthesis.json'})"
     )
     return record
 

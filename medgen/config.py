@@ -147,6 +147,25 @@ class AutoencoderConfig(AutoencoderNetworkConfig):
     train: StageTrainConfig
 
 
+class ConditioningConfig(_Strict):
+    """Conditioned generation: which declared covariates (the `covariates` section) the diffusion
+    UNet is given, by cross-attention on one encoded vector (medgen.models.conditions).
+
+    `dropout`: the probability that a training sample is shown no condition at all (what
+    classifier-free guidance contrasts with); `column_dropout`: that one column is hidden, so a
+    sample can be asked for with some columns left open ("sex F", any age)."""
+
+    columns: list[str] = Field(min_length=1)
+    dropout: float = Field(0.15, ge=0, lt=1)
+    column_dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "ConditioningConfig":
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError("diffusion.conditioning.columns: a column is named twice")
+        return self
+
+
 class DiffusionNetworkConfig(_Strict):
     """The latent diffusion UNet and its noise schedule: what sampling needs, no training section."""
 
@@ -161,6 +180,7 @@ class DiffusionNetworkConfig(_Strict):
     num_res_blocks: int = Field(1, ge=1, le=8)
     num_head_channels: int = Field(8, ge=1, le=512)
     norm_num_groups: int = Field(16, ge=1, le=128)
+    conditioning: ConditioningConfig | None = None
 
 
 class DiffusionConfig(DiffusionNetworkConfig):
@@ -177,6 +197,8 @@ class GenerateConfig(_Strict):
     n: int = Field(4, ge=1)  # volumes per synthesis run (pipeline)
     seed: int = 0
     chunk: int = Field(2, ge=1)  # volumes per generation task when the flow fans out
+    condition: dict[str, str | float] | None = None  # a conditioned generator: e.g. {sex: F, age: 70}
+    guidance: float = Field(1.0, ge=0)  # classifier-free guidance weight (1 = as trained, 0 = unconditional)
 
 
 class ScoreNetworkConfig(_Strict):
@@ -407,6 +429,18 @@ class PipelineConfig(_Strict):
                 raise ValueError("diffusion.attention_levels needs one entry per channels level")
             if any(c % dm.norm_num_groups for c in dm.channels):
                 raise ValueError("diffusion.channels must be multiples of norm_num_groups")
+            if dm.conditioning is not None:
+                if not any(dm.attention_levels):
+                    raise ValueError(
+                        "diffusion.conditioning enters by cross-attention: set at least one diffusion.attention_levels entry true"
+                    )
+                declared = {c.name for c in self.covariates.columns} if self.covariates else set()
+                unknown = [c for c in dm.conditioning.columns if c not in declared]
+                if unknown:
+                    raise ValueError(
+                        f"diffusion.conditioning.columns {unknown} are not declared in the covariates section"
+                        + ("" if self.covariates else " (there is none)")
+                    )
             if ae is not None and self.data is not None:
                 latent = [n // ae.downsample for n in self.data.size]
                 down = 2 ** (len(dm.channels) - 1)

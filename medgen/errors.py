@@ -188,6 +188,14 @@ class SamplingError(MedgenError, ValueError):
     hint = "use --sampler ddim for few steps (or rflow for a rectified-flow model)"
 
 
+class ConditionError(SamplingError):
+    """A condition the generator cannot be given: a column it was not trained on, a level it never
+    saw, a value outside the range it was trained over, or a condition for an unconditioned model."""
+
+    code = "condition"
+    hint = "ask only for the columns, levels and ranges the message lists (the generator's configs/metadata.json, conditioning)"
+
+
 class RunError(MedgenError):
     """A folder that is not a usable synthesis run (missing or altered files)."""
 

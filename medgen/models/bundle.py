@@ -27,6 +27,7 @@ from medgen.config import (
     DiffusionNetworkConfig,
 )
 from medgen.datasets.preprocess import IntensityMap, model_affine
+from medgen.models.conditions import ConditionSpace
 from medgen.models.folder import (  # noqa: F401 (BundleError re-exported)
     BundleError,
     build_checked,
@@ -52,6 +53,7 @@ class Generator:
     modality: str
     units: str
     metadata: dict[str, Any]
+    conditions: ConditionSpace | None = None  # None: an unconditioned model
 
     @property
     def affine(self) -> np.ndarray:
@@ -76,8 +78,10 @@ def save_generator(
     modality: str,
     units: str,
     provenance: dict[str, Any],
+    conditions: ConditionSpace | None = None,
 ) -> Path:
-    """Write the generator folder (atomically; see medgen.models.folder)."""
+    """Write the generator folder (atomically; see medgen.models.folder). A conditioned model
+    records its columns, their levels or ranges and the encoding, so a request can be checked."""
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -94,6 +98,8 @@ def save_generator(
         "diffusion": diffusion_cfg.model_dump(mode="json", exclude={"train"}),
         "provenance": provenance,
     }
+    if conditions is not None:
+        meta["conditioning"] = conditions.to_json()
     return write_model_folder(path, meta, {"autoencoder": autoencoder_state, "diffusion": diffusion_state})
 
 
@@ -117,7 +123,9 @@ def _build_generator(path: Path, meta: dict[str, Any], states: dict[str, Any], d
     acfg = AutoencoderNetworkConfig.from_metadata(meta["autoencoder"])
     dcfg = DiffusionNetworkConfig.model_validate(meta["diffusion"])
     data_cfg = DataConfig.model_validate(meta["preprocessing"]["data"])
-    ae, unet = build_autoencoder(acfg), build_unet(dcfg, acfg.latent_channels)
+    conditions = ConditionSpace.from_json(meta["conditioning"]) if "conditioning" in meta else None
+    ae = build_autoencoder(acfg)
+    unet = build_unet(dcfg, acfg.latent_channels, conditions.dim if conditions else None)
     ae.load_state_dict(states["autoencoder"])
     unet.load_state_dict(states["diffusion"])
     return Generator(
@@ -132,4 +140,5 @@ def _build_generator(path: Path, meta: dict[str, Any], states: dict[str, Any], d
         modality=meta["modality"],
         units=meta["units"],
         metadata=meta,
+        conditions=conditions,
     )

@@ -33,11 +33,17 @@ def build_discriminator(cfg: AutoencoderConfig) -> nn.Module:
     )
 
 
-def build_unet(cfg: DiffusionNetworkConfig | ScoreNetworkConfig, in_channels: int) -> nn.Module:
-    """The diffusion UNet on `in_channels` latent channels, or (ScoreNetworkConfig, 1) the image-space score model."""
+def build_unet(
+    cfg: DiffusionNetworkConfig | ScoreNetworkConfig, in_channels: int, context_dim: int | None = None
+) -> nn.Module:
+    """The diffusion UNet on `in_channels` latent channels, or (ScoreNetworkConfig, 1) the image-space score model.
+    `context_dim`: a conditioned model's condition vector length (medgen.models.conditions),
+    which its attention levels cross-attend to."""
     from monai.networks.nets import DiffusionModelUNet
 
     return DiffusionModelUNet(
+        with_conditioning=context_dim is not None,
+        cross_attention_dim=context_dim,
         spatial_dims=3,
         in_channels=in_channels,
         out_channels=in_channels,

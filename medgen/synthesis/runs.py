@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -41,6 +41,8 @@ class SynthesisRecord(BaseModel):
     sampler: str
     steps: int
     seed: int
+    condition: dict[str, str | float] | None = None  # what a conditioned generator was asked for
+    guidance: float | None = None  # its classifier-free guidance weight
     created: str  # ISO-8601 UTC: the content date of exports
     code_version: dict[str, str | None]
     volumes: list[SynthVolume]
@@ -57,6 +59,8 @@ def generate_volumes(
     batch_size: int = 1,
     device: str | None = None,
     decode_roi: tuple[int, int, int] | None = None,
+    condition: dict[str, str | float] | None = None,
+    guidance: float = 1.0,
 ) -> list[SynthVolume]:
     """Generate samples `indices` of `seed` into OUT/volumes/ (each file atomically).
 
@@ -80,6 +84,8 @@ def generate_volumes(
         batch_size=batch_size,
         device=dev,
         decode_roi=decode_roi,
+        condition=condition,
+        guidance=guidance,
     )
     entries = []
     for i, vol in zip(indices, vols):
@@ -90,7 +96,15 @@ def generate_volumes(
 
 
 def write_record(
-    out: str | Path, generator: str | Path, entries: list[SynthVolume], *, sampler: str, steps: int, seed: int
+    out: str | Path,
+    generator: str | Path,
+    entries: list[SynthVolume],
+    *,
+    sampler: str,
+    steps: int,
+    seed: int,
+    condition: dict[str, str | float] | None = None,
+    guidance: float = 1.0,
 ) -> SynthesisRecord:
     """The run's record, written last: a run folder with a record is complete."""
     generator = Path(generator).resolve()
@@ -100,6 +114,8 @@ def write_record(
         sampler=sampler,
         steps=steps,
         seed=seed,
+        condition=condition or None,
+        guidance=guidance if condition else None,
         created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         code_version=code_version(),
         volumes=sorted(entries, key=lambda e: e.index),
@@ -117,6 +133,23 @@ def model_sampler(generator: str | Path, sampler: str | None, steps: int = 50) -
     return resolve_sampler(d["scheduler"], int(d.get("num_train_timesteps", 1000)), sampler, steps)
 
 
+def model_condition(generator: str | Path, condition: dict[str, Any] | None) -> dict[str, str | float] | None:
+    """A request checked against the generator's conditions (ConditionError if it cannot be
+    honoured) before anything is generated, in the form the record keeps."""
+    from medgen.errors import ConditionError
+    from medgen.models.bundle import generator_metadata
+    from medgen.models.conditions import ConditionSpace
+
+    if not condition:
+        return None
+    meta = generator_metadata(generator)
+    if "conditioning" not in meta:
+        raise ConditionError(
+            f"{generator}: this generator was trained without conditions; it cannot be given {condition}"
+        )
+    return ConditionSpace.from_json(meta["conditioning"]).normalise(condition)
+
+
 def synthesize(
     generator: str | Path,
     n: int,
@@ -128,10 +161,14 @@ def synthesize(
     batch_size: int = 1,
     device: str | None = None,
     decode_roi: tuple[int, int, int] | None = None,
+    condition: dict[str, Any] | None = None,
+    guidance: float = 1.0,
 ) -> SynthesisRecord:
     """Generate `n` volumes into the run folder `out` and write its record (synthesis.json), the
-    input of `validate_run` and `export_run`. For volumes in memory only, use `medgen.generate`."""
+    input of `validate_run` and `export_run`. For volumes in memory only, use `medgen.generate`.
+    `condition`/`guidance`: as in `medgen.generate`, for a conditioned generator."""
     sampler = model_sampler(generator, sampler, steps)
+    condition = model_condition(generator, condition)
     entries = generate_volumes(
         generator,
         list(range(n)),
@@ -142,8 +179,12 @@ def synthesize(
         batch_size=batch_size,
         device=device,
         decode_roi=decode_roi,
+        condition=condition,
+        guidance=guidance,
     )
-    return write_record(out, generator, entries, sampler=sampler, steps=steps, seed=seed)
+    return write_record(
+        out, generator, entries, sampler=sampler, steps=steps, seed=seed, condition=condition, guidance=guidance
+    )
 
 
 def read_record(run: str | Path, *, verify: bool = True) -> SynthesisRecord:

@@ -8,12 +8,14 @@ so memory stays bounded by the window, not the volume.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
-from medgen.errors import SamplingError
+from medgen.errors import ConditionError, SamplingError
 from medgen.models.bundle import Generator
 from medgen.models.networks import build_scheduler
 from medgen.seeding import keyed_generator
@@ -38,10 +40,41 @@ def decode(gen: Generator, z: torch.Tensor, roi: tuple[int, int, int] | None = N
     return sliding_window_inference(z, roi_size=roi, sw_batch_size=1, predictor=ae.decode, overlap=0.5, mode="gaussian")
 
 
+def guided(
+    unet, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, cond: torch.Tensor | None, guidance: float
+) -> torch.Tensor:
+    """The network's output, with classifier-free guidance when a condition is asked for:
+    out_u + w (out_c - out_u), out_u seeing the empty condition `context` and out_c `cond`.
+    w = 1 is the plain conditional model; w = 0 (or no condition) the unconditional one, which is
+    then evaluated alone, so it is exactly the unconditional path."""
+    if context is None:
+        return unet(z, timesteps=t)
+    if cond is None or guidance == 0:
+        return unet(z, timesteps=t, context=context)
+    if guidance == 1:
+        return unet(z, timesteps=t, context=cond)
+    both = unet(torch.cat([z, z]), timesteps=torch.cat([t, t]), context=torch.cat([context, cond]))
+    out_u, out_c = both.chunk(2)
+    return out_u + guidance * (out_c - out_u)
+
+
 @torch.no_grad()
 def denoise_latents(
-    gen: Generator, z: torch.Tensor, gens: list[torch.Generator], sampler: str, steps: int
+    gen: Generator,
+    z: torch.Tensor,
+    gens: list[torch.Generator],
+    sampler: str,
+    steps: int,
+    cond: torch.Tensor | None = None,
+    guidance: float = 1.0,
 ) -> torch.Tensor:
+    """Reverse diffusion from noise `z`; `cond`: the [dim] condition vector of a conditioned model."""
+    space = gen.conditions
+    context = cond_b = None
+    if space is not None:
+        context = torch.zeros(z.shape[0], 1, space.dim, device=z.device)
+        if cond is not None:
+            cond_b = cond.to(z.device).expand(z.shape[0], space.dim).reshape(z.shape[0], 1, space.dim)
     sched = build_scheduler(gen.diffusion_cfg, sampler)
     device = z.device
     if sampler == "rflow":
@@ -52,7 +85,7 @@ def denoise_latents(
     nexts = timesteps[1:] + [torch.zeros_like(timesteps[0])]
     for t, t_next in zip(timesteps, nexts):
         tt = torch.full((z.shape[0],), float(t) if sampler == "rflow" else int(t), device=device)
-        out = gen.unet(z, timesteps=tt if sampler == "rflow" else tt.long())
+        out = guided(gen.unet, z, tt if sampler == "rflow" else tt.long(), context, cond_b, guidance)
         parts = []
         for b in range(z.shape[0]):
             if sampler == "rflow":
@@ -96,6 +129,8 @@ def generate(
     decode_roi: tuple[int, int, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     indices: list[int] | None = None,
+    condition: Mapping[str, Any] | None = None,
+    guidance: float = 1.0,
 ) -> list[Volume]:
     """`n` synthetic volumes, in memory, in the model's geometry (spacing, affine) and units.
 
@@ -106,16 +141,31 @@ def generate(
     None: ddim, or rflow for a rectified-flow model (`resolve_sampler`). Sample i for a seed is the same whatever `batch_size`, and whatever
     other samples are generated with it: `indices` picks which samples (default 0..n-1), so a set
     can be generated in parallel pieces.
+
+    `condition` (a conditioned model only): e.g. {"sex": "F", "age": 70}; columns left out are
+    left open, and an unknown column or level or an out-of-range value is refused (ConditionError).
+    `guidance`: classifier-free guidance weight w; 1 is the conditional model as trained, larger
+    follows the condition more strictly, 0 ignores it (the unconditional sample, same seed).
     """
     indices = list(range(n)) if indices is None else list(indices)
     if n < 1 or batch_size < 1 or steps < 1 or len(indices) != n or min(indices) < 0:
         raise ValueError("n, batch_size and steps must be >= 1, indices n non-negative sample numbers")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ConditionError(f"guidance {guidance}: must be a finite number >= 0 (1 = as trained, 0 = unconditional)")
+    cond = None
+    if condition:
+        if generator.conditions is None:
+            raise ConditionError(
+                f"{generator.path}: this generator was trained without conditions; it cannot be given {dict(condition)}"
+            )
+        cond = generator.conditions.encode(condition)
     dev = torch.device(device) if device is not None else next(generator.unet.parameters()).device
     generator.autoencoder.to(dev)
     generator.unet.to(dev)
     sampler = resolve_sampler(
         generator.diffusion_cfg.scheduler, generator.diffusion_cfg.num_train_timesteps, sampler, steps
     )
+    asked = ", ".join(f"{k}={v}" for k, v in (condition or {}).items())
     shape = generator.latent_shape
     affine = generator.affine
     out: list[Volume] = []
@@ -123,14 +173,17 @@ def generate(
         idx = indices[start : start + batch_size]
         gens = [sample_generator(seed, i, dev) for i in idx]
         z = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
-        z = denoise_latents(generator, z, gens, sampler, steps)
+        z = denoise_latents(generator, z, gens, sampler, steps, cond, guidance)
         images = decode(generator, z / generator.scale_factor, decode_roi).float().cpu().numpy()
         for i, img in zip(idx, images):
             data = generator.intensity.to_units(img[0]).astype(np.float32)
             meta = VolumeMeta(
                 modality=generator.modality,
                 units=generator.units,
-                notes=(f"synthetic: {sampler}-{steps}, seed {seed}, sample {i}, generator {generator.path.name}",),
+                notes=(
+                    f"synthetic: {sampler}-{steps}, seed {seed}, sample {i}, generator {generator.path.name}"
+                    + (f", condition {asked}, guidance {guidance:g}" if cond is not None else ""),
+                ),
             )
             out.append(Volume(data, affine.copy(), meta))
         if progress:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from medgen.config import PipelineConfig
+from medgen.config import ConditioningConfig, PipelineConfig
 from medgen.datasets.prepared import manifest_items, prepare, source_kind
 from medgen.models.bundle import save_generator
+from medgen.models.conditions import ConditionSpace
 from medgen.models.networks import build_scheduler, build_unet, latent_shape
 from medgen.provenance import sha256_file, sha256_json
 from medgen.synthesis.train_autoencoder import load_autoencoder_stage
@@ -27,9 +29,17 @@ def encode_latents(ae, images: torch.Tensor, scale: float, device: torch.device)
 
 
 def diffusion_loss(
-    unet, scheduler, kind: str, prediction: str, z0: torch.Tensor, noise: torch.Tensor, u: torch.Tensor
+    unet,
+    scheduler,
+    kind: str,
+    prediction: str,
+    z0: torch.Tensor,
+    noise: torch.Tensor,
+    u: torch.Tensor,
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE of the network's prediction for z0 noised at times drawn from `u` ~ U[0, 1)."""
+    """MSE of the network's prediction for z0 noised at times drawn from `u` ~ U[0, 1);
+    `context`: a conditioned model's [B, 1, dim] condition vectors."""
     T = scheduler.num_train_timesteps
     if kind == "rflow":
         t = u * T  # continuous time; x_t = (1 - t/T) x0 + t/T noise, velocity target x0 - noise
@@ -38,7 +48,49 @@ def diffusion_loss(
         t = (u * T).long().clamp_max(T - 1)
         target = noise if prediction == "epsilon" else scheduler.get_velocity(z0, noise, t)
     zt = scheduler.add_noise(z0, noise, t)
-    return torch.nn.functional.mse_loss(unet(zt, timesteps=t).float(), target)
+    extra = {} if context is None else {"context": context}
+    return torch.nn.functional.mse_loss(unet(zt, timesteps=t, **extra).float(), target)
+
+
+def drop_conditions(
+    space: ConditionSpace, vectors: torch.Tensor, u_all: torch.Tensor, u_col: torch.Tensor, cfg: ConditioningConfig
+) -> torch.Tensor:
+    """Condition dropout: a sample loses its whole condition with probability cfg.dropout (the
+    unconditional model classifier-free guidance needs), else each column with cfg.column_dropout
+    (so a request may leave columns open). u_all [B] and u_col [B, columns] are uniform draws."""
+    keep = torch.ones_like(vectors)
+    for j, sl in enumerate(space.slices()):
+        keep[:, sl] = (u_col[:, j : j + 1] >= cfg.column_dropout).to(vectors.dtype)
+    keep = keep * (u_all[:, None] >= cfg.dropout).to(vectors.dtype)
+    return vectors * keep
+
+
+def training_conditions(
+    cfg: PipelineConfig, manifest: str | Path, scan_ids: list[str]
+) -> tuple[ConditionSpace, torch.Tensor, list[int], dict[str, Any]]:
+    """The condition vector of each training scan, the scans to train on (a scan whose subject the
+    covariates config drops is left out), and a summary for the bundle's provenance: how many
+    scans had each level, the observed range of each continuous column (no per-scan values)."""
+    from medgen.datasets.covariates import load_covariates
+
+    dcfg = cfg.diffusion
+    assert dcfg is not None and dcfg.conditioning is not None and cfg.covariates is not None
+    space = ConditionSpace.from_config(cfg.covariates, dcfg.conditioning.columns)
+    table = load_covariates(cfg.covariates, manifest)
+    keep = [i for i, sid in enumerate(scan_ids) if sid not in table.dropped]
+    vectors = torch.stack([space.encode(table.values.get(scan_ids[i])) for i in keep])
+    summary: dict[str, Any] = {
+        "scans": len(keep),
+        "without_covariates": sum(scan_ids[i] not in table.values for i in keep),
+    }
+    for c in space.columns:
+        got = [table.values[scan_ids[i]][c.name] for i in keep if scan_ids[i] in table.values]
+        if c.kind == "categorical":
+            summary[c.name] = {lvl: sum(v == lvl for v in got) for lvl in c.levels or []}
+        else:
+            nums = [float(v) for v in got]
+            summary[c.name] = {"min": min(nums), "max": max(nums)} if nums else {}
+    return space, vectors, keep, summary
 
 
 def train_diffusion(
@@ -57,29 +109,49 @@ def train_diffusion(
     run_dir = Path(run_dir)
     stage1 = load_autoencoder_stage(cfg, run_dir, d.device)
     train = prepare(manifest_items(manifest, data_cfg), data_cfg, run_dir / "cache")
+    items = train.items
     latents = encode_latents(stage1.autoencoder, train.images, stage1.scale_factor, d.device)
+    space: ConditionSpace | None = None
+    vectors = torch.zeros(len(items), 0)
+    summary: dict[str, Any] = {}
+    if dcfg.conditioning is not None:
+        space, vectors, keep, summary = training_conditions(cfg, manifest, [i["scan_id"] for i in items])
+        latents, items = latents[keep], [items[i] for i in keep]
+    ccfg = dcfg.conditioning
 
     torch.manual_seed(dcfg.train.seed)
-    unet = build_unet(dcfg, acfg.latent_channels)
+    unet = build_unet(dcfg, acfg.latent_channels, space.dim if space else None)
     model = wrap(unet, d)
     part = Part("diffusion", model, torch.optim.AdamW(model.parameters(), lr=dcfg.train.lr), dcfg.train.ema_decay)
     scheduler = build_scheduler(dcfg)
 
-    def step_fn(ctx, z0: torch.Tensor) -> dict[str, torch.Tensor]:
+    # The trainer draws batches of scan numbers; latents and conditions are gathered by them.
+    latents, vectors = latents.to(d.device), vectors.to(d.device)
+
+    def step_fn(ctx, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        z0 = latents[index]
         noise = ctx.randn(z0.shape)
         u = ctx.rand((z0.shape[0],))
-        return {"diffusion": diffusion_loss(model, scheduler, dcfg.scheduler, dcfg.prediction, z0, noise, u)}
+        context = None
+        if space is not None and ccfg is not None:
+            dropped = drop_conditions(
+                space, vectors[index], ctx.rand((z0.shape[0],)), ctx.rand((z0.shape[0], len(space.columns))), ccfg
+            )
+            context = space.context(dropped)
+        return {"diffusion": diffusion_loss(model, scheduler, dcfg.scheduler, dcfg.prediction, z0, noise, u, context)}
 
     fingerprint = sha256_json(
         {
             "diffusion": dcfg.model_dump(mode="json"),
             "data": data_cfg.model_dump(mode="json"),
-            "train": [i["sha256"] for i in train.items],
+            "train": [i["sha256"] for i in items],
             "autoencoder": stage1.weights_sha256,  # a retrained stage 1 means new latents
+            "conditions": hashlib.sha256(vectors.cpu().numpy().tobytes()).hexdigest() if space else None,
         }
     )
+    index = torch.arange(len(items))
     trainer = Trainer(
-        run_dir / STAGE_DIR, dcfg.train, [part], step_fn, latents, d, name="diffusion", fingerprint=fingerprint
+        run_dir / STAGE_DIR, dcfg.train, [part], step_fn, index, d, name="diffusion", fingerprint=fingerprint
     )
     final = trainer.fit(stop_after=stop_after)
     bundle = run_dir / GENERATOR_DIR
@@ -87,7 +159,7 @@ def train_diffusion(
         return bundle
     weights = part.ema if part.ema is not None else unwrap(model).state_dict()
     manifest_sha = sha256_file(manifest)
-    modality, units = source_kind(manifest, train.items, data_cfg)
+    modality, units = source_kind(manifest, items, data_cfg)
     save_generator(
         bundle,
         autoencoder_cfg=acfg,
@@ -103,11 +175,13 @@ def train_diffusion(
         provenance={
             "training_manifest_sha256": manifest_sha,
             "training_manifest": str(Path(manifest).resolve()),  # where validation finds the real reference volumes
-            "train_items": [{"scan_id": i["scan_id"], "sha256": i["sha256"]} for i in train.items],
+            "train_items": [{"scan_id": i["scan_id"], "sha256": i["sha256"]} for i in items],
             "autoencoder_metrics": stage1.metrics,
             "config_name": cfg.name,
             "config_sha256": hashlib.sha256(cfg.model_dump_json().encode()).hexdigest(),
             "ema": part.ema is not None,
+            **({"training_conditions": summary} if space else {}),
         },
+        conditions=space,
     )
     return bundle
