@@ -37,8 +37,10 @@ from medgen.errors import (
     ManifestError,
     TooLargeError,
     UnreadableFileError,
+    UnsupportedObjectError,
     error_class,
 )
+from medgen.ingestion.labels import LabelSource, pair_labels
 from medgen.io.atomic import write_text_atomic
 from medgen.io.dicom.series import DEFAULT_MAX_VOXELS, DicomHeader, DicomSeries, read_header, read_series
 from medgen.io.discover import discover, is_candidate, list_files
@@ -105,6 +107,7 @@ class IngestReport:
     files_ignored: int
     seconds: float
     source_bytes: int = 0
+    labels: list[dict[str, str]] = dataclasses.field(default_factory=list)  # labels.csv rows (paired or refused)
 
     @property
     def accepted(self) -> list[dict[str, str]]:
@@ -276,7 +279,9 @@ def _series_source(series: DicomSeries) -> str:
 
 def find_units(
     sources: Sequence[Path], index: FileIndex, pool: cf.Executor | None = None, exclude: Sequence[Path] = ()
-) -> tuple[list[Unit], int]:
+) -> tuple[list[Unit], int, list[LabelSource]]:
+    """The scans under `sources`, how many files were ignored, and the label maps found beside
+    them (BIDS dseg/mask NIfTI, DICOM SEG), which are paired with scans, never scans themselves."""
     files = list_files(sources, exclude=exclude)
     if pool is not None:  # read and parse the changed files in parallel; discovery then finds them indexed
         stale = [str(f) for f in files if is_candidate(f) and f.exists() and index.fresh(f) is None]
@@ -285,6 +290,7 @@ def find_units(
             index.add(entry)
     found = discover(sources, header_reader=index.dicom_header, files=files)
     units: list[Unit] = []
+    labels = [LabelSource(str(f), "nifti") for f in found.labels]
     for f in found.nifti:
         rel = _relative_key(f, sources)
         sha = index.sha256(f)
@@ -295,10 +301,14 @@ def find_units(
         subject = _dicom_subject_id(index.salt, s.headers[0].identifiers)
         units.append(Unit("dicom", "dicom:" + s.key, _series_source(s), s.paths, sha, subject, series=s))
     for err in found.bad_files:
+        # a DICOM SEG is refused as a scan by read_header (a non-image object); it is a label map
+        if isinstance(err, UnsupportedObjectError) and "(Modality SEG)" in err.reason:
+            labels.append(LabelSource(err.path, "dicom-seg"))
+            continue
         p = Path(err.path)
         rel = _relative_key(p, sources)
         units.append(Unit("bad", "file:" + rel, str(p), (str(p),), index.sha256(p), "", error=err))
-    return units, len(found.ignored)
+    return units, len(found.ignored), labels
 
 
 # --------------------------------------------------------------------------- conversion
@@ -403,6 +413,8 @@ class IngestPlan:
     ignored: int
     t0: float
     existing: list[dict[str, str]] = dataclasses.field(default_factory=list)  # the manifest found on disk
+    labels: list[LabelSource] = dataclasses.field(default_factory=list)  # label maps to pair (medgen.ingestion.labels)
+    series_scans: dict[str, str] = dataclasses.field(default_factory=dict)  # SeriesInstanceUID -> scan_id
 
 
 @contextlib.contextmanager
@@ -451,11 +463,14 @@ def plan_ingest(
         for r in existing:
             previous.setdefault(_base_id(r["scan_id"]), []).append(r)
 
-    units, ignored = find_units(srcs, index, pool, exclude=[out_dir])
+    units, ignored, labels = find_units(srcs, index, pool, exclude=[out_dir])
     reused: list[dict[str, str]] = []
     todo: list[tuple[Unit, str]] = []
+    series_scans: dict[str, str] = {}
     for u in units:
         scan_id = "scan-" + _digest(key, u.key)
+        if u.series is not None and u.series.series_uid:
+            series_scans[u.series.series_uid] = scan_id
         prev = previous.get(scan_id)
         if (
             prev
@@ -470,7 +485,21 @@ def plan_ingest(
     redo = {sid for _, sid in todo}
     if any(_base_id(r["scan_id"]) in redo and r["output_path"] for r in existing):
         write_manifest([r for r in existing if _base_id(r["scan_id"]) not in redo], manifest_path)
-    return IngestPlan(out_dir, manifest_path, options, key, index, reused, todo, len(units), ignored, t0, existing)
+    return IngestPlan(
+        out_dir,
+        manifest_path,
+        options,
+        key,
+        index,
+        reused,
+        todo,
+        len(units),
+        ignored,
+        t0,
+        existing,
+        labels,
+        series_scans,
+    )
 
 
 def check_sources(sources: Sequence[Path], out_dir: Path) -> None:
@@ -552,6 +581,7 @@ def finish_ingest(plan: IngestPlan, converted_rows: list[dict[str, str]]) -> Ing
     for r in plan.existing:
         if r["output_path"] and r["output_path"] not in keep:
             _remove_volume(out_dir, r["output_path"])
+    paired = pair_labels(out_dir, rows, plan.labels, plan.series_scans, lambda uid: keyed_uid(plan.key, uid))
     return IngestReport(
         out_dir=out_dir,
         manifest_path=plan.manifest_path,
@@ -562,6 +592,7 @@ def finish_ingest(plan: IngestPlan, converted_rows: list[dict[str, str]]) -> Ing
         files_ignored=plan.ignored,
         seconds=time.perf_counter() - plan.t0,
         source_bytes=plan.index.bytes_read,
+        labels=paired,
     )
 
 

@@ -2,7 +2,8 @@
 
 Shared by `load_volume` and ingestion so both see a tree the same way. A file is a candidate when
 it ends in .nii/.nii.gz (NIfTI), or has a DICOM suffix or the 'DICM' magic (DICOM); anything else
-(README, .json sidecars, thumbnails) is ignored and counted, never an error.
+(README, .json sidecars, thumbnails) is ignored and counted, never an error. BIDS label maps
+(`*_dseg`, `*_mask`) are listed apart: a segmentation is never a scan.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from medgen.errors import InputError, InternalError
 from medgen.io.dicom.series import DicomHeader, DicomSeries, dicomdir_files, group_series, looks_like_dicom, read_header
+from medgen.io.labels import is_label_file, is_label_source
 from medgen.io.nifti import is_nifti
 
 HeaderReader = Callable[[Path], "DicomHeader | None"]
@@ -24,6 +26,7 @@ class Found:
     series: list[DicomSeries] = field(default_factory=list)
     bad_files: list[InputError] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
+    labels: list[Path] = field(default_factory=list)  # BIDS dseg/mask maps: paired with scans, never scans
 
 
 def list_files(paths: Iterable[str | Path], exclude: Iterable[str | Path] = ()) -> list[Path]:
@@ -64,7 +67,12 @@ def discover(
     headers: list[DicomHeader] = []
     for f in files if files is not None else list_files(paths):
         if is_nifti(f):
-            found.nifti.append(f)
+            if not is_label_file(f):
+                found.nifti.append(f)
+            elif is_label_source(f):
+                found.labels.append(f)
+            else:
+                found.ignored.append(f)  # a probabilistic segmentation: neither a scan nor a label map
             continue
         if not is_candidate(f):
             found.ignored.append(f)

@@ -1,0 +1,126 @@
+"""Pairing label maps with the scans ingest accepted: OUT/labels/SCAN_dseg.nii.gz + OUT/labels.csv.
+
+Found during the same survey as the scans, a label map is never a scan itself (a segmentation
+trained on as an image would poison a model). It is paired with one accepted scan:
+    BIDS dseg/mask  the NIfTI scan whose entities (sub, ses, acq, run, ...) equal the map's, less
+                    the derivative-only ones (space, desc, label, res, den); a map that matches
+                    several scans or none is reported, not guessed
+    DICOM SEG       the DICOM series named by its ReferencedSeriesSequence
+then checked (integers, a bounded number of labels) and put on exactly that scan's grid
+(medgen.io.labels.on_grid). labels.csv (data_schemas/labels.schema.json) has one row per label
+map, paired or refused with the reason; nothing in it identifies a subject (scan ids are salted,
+the source path is the user's own, as in the manifest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from medgen.errors import InputError
+from medgen.io.atomic import write_text_atomic
+from medgen.io.labels import (
+    LabelError,
+    bids_entities,
+    on_grid,
+    read_nifti_labels,
+    read_seg_labels,
+    referenced_series,
+    write_label_nifti,
+)
+
+LABELS_CSV = "labels.csv"
+LABELS_DIR = "labels"
+COLUMNS = ["label_source", "status", "reason", "scan_id", "label_path", "labels", "notes"]
+DERIVATIVE_ENTITIES = {"space", "desc", "label", "res", "den", "seg"}
+
+
+@dataclass(frozen=True)
+class LabelSource:
+    path: str
+    kind: str  # 'nifti' | 'dicom-seg'
+
+
+def _match_nifti(path: str, scans: dict[str, str]) -> list[str]:
+    """Scan ids (of accepted NIfTI scans: scan_id -> source path) with the map's BIDS entities."""
+    want = {k: v for k, v in bids_entities(path).items() if k not in DERIVATIVE_ENTITIES}
+    if "sub" not in want:
+        return []
+    return [sid for sid, src in scans.items() if bids_entities(src) == want]
+
+
+def pair_labels(
+    out_dir: Path,
+    rows: list[dict[str, str]],
+    sources: list[LabelSource],
+    series_scans: dict[str, str],
+    uid_key: Callable[[str], str] = lambda uid: uid,
+) -> list[dict[str, str]]:
+    """Write each pairable map onto its scan's grid and OUT/labels.csv; returns the csv rows.
+    `series_scans`: SeriesInstanceUID -> scan_id of the DICOM series in this ingest, the UIDs as
+    the file index keeps them (`uid_key` turns a clear UID into that form)."""
+    import nibabel as nib
+
+    accepted = {r["scan_id"]: r for r in rows if r["status"] == "accepted"}
+    nifti_scans = {sid: r["source"] for sid, r in accepted.items() if r["source_kind"] == "nifti"}
+    out: list[dict[str, str]] = []
+    taken: dict[str, str] = {}
+    for src in sorted(sources, key=lambda s: s.path):
+        row = dict.fromkeys(COLUMNS, "") | {"label_source": src.path}
+        try:
+            if src.kind == "nifti":
+                ids = _match_nifti(src.path, nifti_scans)
+            else:
+                refs = [uid_key(u) for u in referenced_series(src.path)]
+                ids = [series_scans[u] for u in refs if u in series_scans]
+                ids = [i for i in ids if i in accepted]
+            if not ids:
+                raise LabelError(
+                    src.path, "no accepted scan to pair with (BIDS entities or referenced series match none)"
+                )
+            if len(set(ids)) > 1:
+                raise LabelError(src.path, f"matches {len(set(ids))} scans; name it so that it matches one")
+            sid = ids[0]
+            if sid in taken:
+                raise LabelError(src.path, f"its scan already has a label map ({taken[sid]})")
+            scan = nib.load(str(out_dir / accepted[sid]["output_path"]))
+            labels = read_nifti_labels(src.path) if src.kind == "nifti" else read_seg_labels(src.path)
+            placed = on_grid(labels, scan.affine, scan.shape[:3], src.path)
+            rel = f"{LABELS_DIR}/{sid}_dseg.nii.gz"
+            write_label_nifti(placed, out_dir / rel)
+            taken[sid] = src.path
+            table = {str(k): v for k, v in sorted(placed.table.items())}
+            row |= {"status": "accepted", "scan_id": sid, "label_path": rel, "labels": json.dumps(table)}
+            row["notes"] = "; ".join(placed.notes)
+        except InputError as e:
+            row |= {"status": "rejected", "reason": e.reason}
+        except Exception as e:  # one hostile file is its own row, never the end of the ingest
+            row |= {"status": "rejected", "reason": f"internal error reading the label map: {type(e).__name__}: {e}"}
+        out.append(row)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    w.writerows(out)
+    if out or (out_dir / LABELS_CSV).exists():
+        write_text_atomic(out_dir / LABELS_CSV, buf.getvalue())
+    keep = {r["label_path"] for r in out if r["label_path"]}
+    folder = out_dir / LABELS_DIR
+    for f in folder.glob("*_dseg.nii.gz") if folder.is_dir() else []:
+        if f"{LABELS_DIR}/{f.name}" not in keep:  # a map no longer paired (its scan gone or refused)
+            with contextlib.suppress(FileNotFoundError):
+                f.unlink()
+    return out
+
+
+def read_label_rows(out_dir: str | Path) -> dict[str, dict[str, str]]:
+    """scan_id -> its accepted labels.csv row ({} when the ingest found no label maps)."""
+    path = Path(out_dir) / LABELS_CSV
+    if not path.exists():
+        return {}
+    rows = csv.DictReader(path.read_text(encoding="utf-8").splitlines())
+    return {r["scan_id"]: r for r in rows if r["status"] == "accepted"}
