@@ -27,6 +27,8 @@ from prefect import flow, task
 
 from flows.common import KEY_PARAM, by_key, cached, config, ensure_gpu_limit, fresh, section_hash, stamp
 
+STAGE_OUTPUT = {"autoencoder": "autoencoder", "diffusion": "generator", "controlnet": "controlnet"}
+
 
 def stage_keys(config_path: str, manifest: str, run_dir: str) -> dict[str, str]:
     from medgen.datasets.prepared import manifest_items
@@ -46,8 +48,31 @@ def stage_keys(config_path: str, manifest: str, run_dir: str) -> dict[str, str]:
             "run": str(Path(run_dir).resolve()),
         }
     )
-    dm = cached({"stage": "diffusion", "autoencoder": ae, "sections": section_hash(cfg, "diffusion")})
-    return {"autoencoder": ae, "diffusion": dm}
+    table = None
+    if cfg.covariates is not None:  # a conditioned model's conditions: the table's content counts too
+        t = cfg.covariates.table
+        t = t if t.is_absolute() else Path(manifest).parent / t
+        table = t.read_text(errors="replace") if t.is_file() else str(t)
+    dm = cached(
+        {
+            "stage": "diffusion",
+            "autoencoder": ae,
+            "sections": section_hash(cfg, "diffusion", "covariates"),
+            "covariates_table": table,
+        }
+    )
+    keys = {"autoencoder": ae, "diffusion": dm}
+    if cfg.controlnet is not None:
+        labels = Path(manifest).parent / "labels.csv"
+        keys["controlnet"] = cached(
+            {
+                "stage": "controlnet",
+                "diffusion": dm,
+                "sections": section_hash(cfg, "controlnet"),
+                "labels": labels.read_text() if labels.exists() else "",
+            }
+        )
+    return keys
 
 
 def _device(cfg) -> str:
@@ -116,7 +141,7 @@ def train_stage_task(stage: str, config_path: str, manifest: str, run_dir: str, 
             run()
     else:
         run()
-    return str(Path(run_dir) / ("generator" if stage == "diffusion" else stage))
+    return str(Path(run_dir) / STAGE_OUTPUT[stage])
 
 
 def run_train(config_path: str, manifest: str, run_dir: str | None = None) -> dict:
@@ -128,11 +153,12 @@ def run_train(config_path: str, manifest: str, run_dir: str | None = None) -> di
     outputs = {
         "autoencoder": [Path(run_dir) / "autoencoder" / "stage.json"],
         "diffusion": [Path(run_dir) / "generator" / "configs" / "metadata.json"],
+        "controlnet": [Path(run_dir) / "controlnet" / "configs" / "metadata.json"],
     }
     result = {"run_dir": run_dir}
-    for stage in ("autoencoder", "diffusion"):
+    for stage in keys:  # autoencoder, diffusion, and controlnet when the config has one
         ok = fresh(run_dir, f"train-{stage}", keys[stage], outputs[stage])
-        result[stage if stage == "autoencoder" else "generator"] = train_stage_task.with_options(refresh_cache=not ok)(
+        result[STAGE_OUTPUT[stage]] = train_stage_task.with_options(refresh_cache=not ok)(
             stage, config_path, manifest, run_dir, **{KEY_PARAM: keys[stage]}
         )
         stamp(run_dir, f"train-{stage}", keys[stage], outputs[stage])

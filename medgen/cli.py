@@ -177,6 +177,7 @@ app.add_typer(train_app, name="train")
 class Stage(str, Enum):
     autoencoder = "autoencoder"
     diffusion = "diffusion"
+    controlnet = "controlnet"
 
 
 @train_app.command("denoiser")
@@ -221,10 +222,11 @@ def _load_config(path: Path):
 
 def _train(stage: str, config: Path, manifest: Path, out: Path, device: str | None):
     from medgen.synthesis.train_autoencoder import train_autoencoder
+    from medgen.synthesis.train_controlnet import train_controlnet
     from medgen.synthesis.train_diffusion import train_diffusion
 
     cfg = _load_config(config)
-    fn = train_autoencoder if stage == "autoencoder" else train_diffusion
+    fn = {"autoencoder": train_autoencoder, "diffusion": train_diffusion, "controlnet": train_controlnet}[stage]
     return fn(cfg, manifest, out, device=device)
 
 
@@ -259,6 +261,28 @@ def train_diffusion_cmd(
     """Stage 2: the latent diffusion UNet; writes the generator bundle RUN/generator."""
     path = _train("diffusion", config, manifest, out, device)
     _console().print(f"generator: {path}")
+
+
+@train_app.command("controlnet")
+def train_controlnet_cmd(
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config", "-c", help="YAML config with data, autoencoder, diffusion and controlnet sections.", exists=True
+        ),
+    ],
+    manifest: Annotated[
+        Path,
+        typer.Option(
+            "--manifest", "-m", help="manifest.csv of an ingest that paired label maps (labels.csv).", exists=True
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The run folder holding RUN/generator.")],
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N (default: cuda when available).")] = None,
+) -> None:
+    """Stage 3 (optional): a ControlNet on the frozen generator, so samples follow a label map; writes RUN/controlnet."""
+    path = _train("controlnet", config, manifest, out, device)
+    _console().print(f"controlnet: {path}")
 
 
 class Sampler(str, Enum):

@@ -189,6 +189,18 @@ class DiffusionConfig(DiffusionNetworkConfig):
     train: StageTrainConfig
 
 
+class ControlNetConfig(_Strict):
+    """A ControlNet (MONAI) on a trained diffusion UNet: generation that follows a label map.
+
+    The map enters one-hot (one channel per label of the training label table) at image
+    resolution; `embedding_channels` are the conditioning encoder's levels, one more than the
+    autoencoder's downsamplings so it lands on the latent grid. The UNet stays frozen."""
+
+    embedding_channels: Channels = (16, 32)
+    conditioning_scale: float = Field(1.0, gt=0)
+    train: StageTrainConfig
+
+
 class GenerateConfig(_Strict):
     sampler: Literal["ddpm", "ddim", "rflow"] | None = None  # None: ddim (rflow for a rectified-flow model)
     steps: int = Field(50, ge=1)
@@ -402,6 +414,7 @@ class PipelineConfig(_Strict):
     data: DataConfig | None = None
     autoencoder: AutoencoderConfig | None = None
     diffusion: DiffusionConfig | None = None
+    controlnet: ControlNetConfig | None = None
     generate: GenerateConfig = GenerateConfig()
     denoiser: DenoiserConfig | None = None
     self_supervised: SelfSupervisedConfig | None = None
@@ -423,6 +436,12 @@ class PipelineConfig(_Strict):
                 raise ValueError(
                     f"data.size {self.data.size} must be divisible by the autoencoder's downsampling ({ae.downsample})"
                 )
+        cn = self.controlnet
+        if cn is not None and ae is not None and 2 ** (len(cn.embedding_channels) - 1) != ae.downsample:
+            raise ValueError(
+                f"controlnet.embedding_channels needs {ae.downsample.bit_length()} levels: one more than the "
+                f"autoencoder's downsamplings (x{ae.downsample}), so the label map lands on the latent grid"
+            )
         dm = self.diffusion
         if dm is not None:
             if len(dm.attention_levels) != len(dm.channels):

@@ -111,3 +111,24 @@ class StepSampler:
             perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
             out.append(int(perm[within]))
         return out
+
+
+def prepare_labels(items: list[dict], manifest: str | Path, cfg: DataConfig) -> tuple["torch.Tensor", list[int]]:
+    """The label maps ingest paired with `items`' scans, in model geometry ([N, 1, X, Y, Z] int64),
+    and the positions in `items` that have one (scans without labels are left out by the caller)."""
+    import torch
+
+    from medgen.datasets.preprocess import label_transforms
+    from medgen.ingestion.labels import read_label_rows
+
+    rows = read_label_rows(Path(manifest).parent)
+    chain = label_transforms(cfg)
+    keep, maps = [], []
+    for n, item in enumerate(items):
+        row = rows.get(item["scan_id"])
+        if row is None:
+            continue
+        lab = chain({"label": str(Path(manifest).parent / row["label_path"])})["label"]
+        maps.append(torch.as_tensor(lab).round().long())
+        keep.append(n)
+    return (torch.stack(maps) if maps else torch.zeros(0, 1, *cfg.size, dtype=torch.long)), keep

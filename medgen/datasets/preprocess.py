@@ -109,6 +109,33 @@ def _compose(cfg: DataConfig):
     )
 
 
+def label_transforms(cfg: DataConfig):
+    """The same geometry chain for a label map on its scan's grid (what ingest stores): nearest
+    neighbour, background 0, so label voxel v of the result lies where image voxel v does."""
+    import logging
+    import warnings
+
+    from monai import transforms as mt
+
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*nvImageCodec.*")
+        return _label_compose(cfg, mt)
+
+
+def _label_compose(cfg: DataConfig, mt):
+    return mt.Compose(
+        [
+            mt.LoadImaged("label", reader="NibabelReader", image_only=True),
+            mt.EnsureChannelFirstd("label"),
+            mt.Orientationd("label", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            mt.Spacingd("label", pixdim=cfg.spacing, mode="nearest"),
+            mt.ResizeWithPadOrCropd("label", spatial_size=cfg.size, value=0),
+            mt.EnsureTyped("label", track_meta=False),
+        ]
+    )
+
+
 def model_affine(cfg: DataConfig) -> np.ndarray:
     """The RAS affine of a volume in model space: the configured spacing, centred on the origin."""
     from medgen.volume import centred_affine

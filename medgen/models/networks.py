@@ -57,6 +57,33 @@ def build_unet(
     )
 
 
+def build_controlnet(
+    cfg: DiffusionNetworkConfig,
+    in_channels: int,
+    label_channels: int,
+    embedding: tuple[int, ...],
+    context_dim: int | None,
+) -> nn.Module:
+    """MONAI's ControlNet shaped like the diffusion UNet `cfg` builds (so the UNet's encoder
+    weights copy into it), reading a `label_channels` one-hot label map at image resolution."""
+    from monai.networks.nets import ControlNet
+
+    return ControlNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        channels=cfg.channels,
+        attention_levels=cfg.attention_levels,
+        num_res_blocks=cfg.num_res_blocks,
+        num_head_channels=cfg.num_head_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        with_conditioning=context_dim is not None,
+        cross_attention_dim=context_dim,
+        conditioning_embedding_in_channels=label_channels,
+        conditioning_embedding_num_channels=embedding,
+        use_flash_attention=torch.cuda.is_available(),
+    )
+
+
 def build_scheduler(cfg: DiffusionNetworkConfig, sampler: str | None = None):
     """The scheduler for training (sampler None) or for sampling with `sampler`.
 

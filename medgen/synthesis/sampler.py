@@ -17,6 +17,7 @@ import torch
 
 from medgen.errors import ConditionError, SamplingError
 from medgen.models.bundle import Generator
+from medgen.models.controlnet import ControlNetModel
 from medgen.models.networks import build_scheduler
 from medgen.seeding import keyed_generator
 from medgen.volume import Volume, VolumeMeta
@@ -40,21 +41,37 @@ def decode(gen: Generator, z: torch.Tensor, roi: tuple[int, int, int] | None = N
     return sliding_window_inference(z, roi_size=roi, sw_batch_size=1, predictor=ae.decode, overlap=0.5, mode="gaussian")
 
 
+Residuals = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], dict[str, Any]]
+
+
 def guided(
-    unet, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, cond: torch.Tensor | None, guidance: float
+    unet,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    context: torch.Tensor | None,
+    cond: torch.Tensor | None,
+    guidance: float,
+    residuals: Residuals | None = None,
 ) -> torch.Tensor:
     """The network's output, with classifier-free guidance when a condition is asked for:
     out_u + w (out_c - out_u), out_u seeing the empty condition `context` and out_c `cond`.
     w = 1 is the plain conditional model; w = 0 (or no condition) the unconditional one, which is
-    then evaluated alone, so it is exactly the unconditional path."""
+    then evaluated alone, so it is exactly the unconditional path. `residuals(z, t, context)`: a
+    ControlNet's additions, computed for each branch with that branch's context."""
+
+    def run(x: torch.Tensor, tt: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+        extra = {} if ctx is None else {"context": ctx}
+        if residuals is not None:
+            extra |= residuals(x, tt, ctx)
+        return unet(x, timesteps=tt, **extra)
+
     if context is None:
-        return unet(z, timesteps=t)
+        return run(z, t, None)
     if cond is None or guidance == 0:
-        return unet(z, timesteps=t, context=context)
+        return run(z, t, context)
     if guidance == 1:
-        return unet(z, timesteps=t, context=cond)
-    both = unet(torch.cat([z, z]), timesteps=torch.cat([t, t]), context=torch.cat([context, cond]))
-    out_u, out_c = both.chunk(2)
+        return run(z, t, cond)
+    out_u, out_c = run(torch.cat([z, z]), torch.cat([t, t]), torch.cat([context, cond])).chunk(2)
     return out_u + guidance * (out_c - out_u)
 
 
@@ -67,8 +84,20 @@ def denoise_latents(
     steps: int,
     cond: torch.Tensor | None = None,
     guidance: float = 1.0,
+    control: tuple[ControlNetModel, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Reverse diffusion from noise `z`; `cond`: the [dim] condition vector of a conditioned model."""
+    """Reverse diffusion from noise `z`; `cond`: the [dim] condition vector of a conditioned model;
+    `control`: a ControlNet and the one-hot label maps [B, K, X, Y, Z] it makes the sample follow."""
+    residuals: Residuals | None = None
+    if control is not None:
+        cn, maps = control
+
+        def residuals(x: torch.Tensor, tt: torch.Tensor, ctx: torch.Tensor | None) -> dict[str, Any]:
+            m = maps if x.shape[0] == maps.shape[0] else torch.cat([maps] * (x.shape[0] // maps.shape[0]))
+            extra = {} if ctx is None else {"context": ctx}
+            down, mid = cn.net(x, timesteps=tt, controlnet_cond=m, conditioning_scale=cn.scale, **extra)
+            return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+
     space = gen.conditions
     context = cond_b = None
     if space is not None:
@@ -85,7 +114,7 @@ def denoise_latents(
     nexts = timesteps[1:] + [torch.zeros_like(timesteps[0])]
     for t, t_next in zip(timesteps, nexts):
         tt = torch.full((z.shape[0],), float(t) if sampler == "rflow" else int(t), device=device)
-        out = guided(gen.unet, z, tt if sampler == "rflow" else tt.long(), context, cond_b, guidance)
+        out = guided(gen.unet, z, tt if sampler == "rflow" else tt.long(), context, cond_b, guidance, residuals)
         parts = []
         for b in range(z.shape[0]):
             if sampler == "rflow":
@@ -97,6 +126,23 @@ def denoise_latents(
             parts.append(nz)
         z = torch.cat(parts)
     return z
+
+
+def label_inputs(controlnet: ControlNetModel, labels: Any, n: int, size: tuple[int, ...]) -> torch.Tensor:
+    """[n, K, X, Y, Z] one-hot inputs from one label map (for every sample) or a list of n."""
+    maps = list(labels) if isinstance(labels, (list, tuple)) else [labels] * n
+    if len(maps) != n:
+        raise ConditionError(f"{len(maps)} label maps for {n} samples: give one map, or one per sample")
+    out = []
+    for i, m in enumerate(maps):
+        arr = np.asarray(m.data if isinstance(m, Volume) else m)
+        if tuple(arr.shape[-3:]) != size:
+            raise ConditionError(
+                f"label map {i}: shape {tuple(arr.shape)} is not the model's grid {size} "
+                "(put it in model geometry first: medgen.datasets.preprocess.label_transforms)"
+            )
+        out.append(controlnet.one_hot(arr, where=f"label map {i}"))
+    return torch.stack(out)
 
 
 def resolve_sampler(scheduler: str, train_timesteps: int, sampler: str | None, steps: int) -> str:
@@ -131,6 +177,8 @@ def generate(
     indices: list[int] | None = None,
     condition: Mapping[str, Any] | None = None,
     guidance: float = 1.0,
+    labels: Any = None,
+    controlnet: ControlNetModel | None = None,
 ) -> list[Volume]:
     """`n` synthetic volumes, in memory, in the model's geometry (spacing, affine) and units.
 
@@ -146,6 +194,8 @@ def generate(
     left open, and an unknown column or level or an out-of-range value is refused (ConditionError).
     `guidance`: classifier-free guidance weight w; 1 is the conditional model as trained, larger
     follows the condition more strictly, 0 ignores it (the unconditional sample, same seed).
+    `labels` with `controlnet`: a label map in model geometry (data.size), or one per sample, that
+    each sample's anatomy follows; its values must be among the ControlNet's training labels.
     """
     indices = list(range(n)) if indices is None else list(indices)
     if n < 1 or batch_size < 1 or steps < 1 or len(indices) != n or min(indices) < 0:
@@ -159,9 +209,18 @@ def generate(
                 f"{generator.path}: this generator was trained without conditions; it cannot be given {dict(condition)}"
             )
         cond = generator.conditions.encode(condition)
+    maps = None
+    if (labels is None) != (controlnet is None):
+        raise ConditionError(
+            "a label map and a ControlNet go together: give both `labels` and `controlnet`, or neither"
+        )
+    if controlnet is not None:
+        maps = label_inputs(controlnet, labels, n, tuple(generator.data_cfg.size))
     dev = torch.device(device) if device is not None else next(generator.unet.parameters()).device
     generator.autoencoder.to(dev)
     generator.unet.to(dev)
+    if controlnet is not None:
+        controlnet.net.to(dev)
     sampler = resolve_sampler(
         generator.diffusion_cfg.scheduler, generator.diffusion_cfg.num_train_timesteps, sampler, steps
     )
@@ -173,7 +232,10 @@ def generate(
         idx = indices[start : start + batch_size]
         gens = [sample_generator(seed, i, dev) for i in idx]
         z = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
-        z = denoise_latents(generator, z, gens, sampler, steps, cond, guidance)
+        control = None
+        if controlnet is not None and maps is not None:
+            control = (controlnet, maps[start : start + len(idx)].to(dev))
+        z = denoise_latents(generator, z, gens, sampler, steps, cond, guidance, control)
         images = decode(generator, z / generator.scale_factor, decode_roi).float().cpu().numpy()
         for i, img in zip(idx, images):
             data = generator.intensity.to_units(img[0]).astype(np.float32)

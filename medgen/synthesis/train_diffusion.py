@@ -4,6 +4,7 @@ with DDPM/DDIM, or rectified flow), with EMA; the result is saved as one generat
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,11 @@ def diffusion_loss(
     noise: torch.Tensor,
     u: torch.Tensor,
     context: torch.Tensor | None = None,
+    residuals: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]] | None = None,
 ) -> torch.Tensor:
     """MSE of the network's prediction for z0 noised at times drawn from `u` ~ U[0, 1);
-    `context`: a conditioned model's [B, 1, dim] condition vectors."""
+    `context`: a conditioned model's [B, 1, dim] condition vectors; `residuals(zt, t)`: a
+    ControlNet's additional residuals for the UNet (medgen.synthesis.train_controlnet)."""
     T = scheduler.num_train_timesteps
     if kind == "rflow":
         t = u * T  # continuous time; x_t = (1 - t/T) x0 + t/T noise, velocity target x0 - noise
@@ -48,7 +51,9 @@ def diffusion_loss(
         t = (u * T).long().clamp_max(T - 1)
         target = noise if prediction == "epsilon" else scheduler.get_velocity(z0, noise, t)
     zt = scheduler.add_noise(z0, noise, t)
-    extra = {} if context is None else {"context": context}
+    extra: dict[str, Any] = {} if context is None else {"context": context}
+    if residuals is not None:
+        extra |= residuals(zt, t)
     return torch.nn.functional.mse_loss(unet(zt, timesteps=t, **extra).float(), target)
 
 
