@@ -31,7 +31,7 @@ def generate_task(generator: str, indices: list[int], out: str, settings: dict, 
 def record_task(out: str, generator: str, entries: list[dict], settings: dict, cache_key: str) -> str:
     from medgen.synthesis.runs import SynthVolume, write_record
 
-    keep = ("sampler", "steps", "seed", "condition", "guidance")
+    keep = ("sampler", "steps", "seed", "condition", "guidance", "controlnet")
     write_record(out, generator, [SynthVolume(**e) for e in entries], **{k: settings[k] for k in keep})
     return out
 
@@ -85,8 +85,16 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
         "decode_roi": g.decode_roi,
         "condition": model_condition(generator, g.condition),
         "guidance": g.guidance,
+        "labels": str(g.labels) if g.labels else None,
+        "controlnet": str(g.controlnet) if g.controlnet else None,
     }
-    base = {"generator": model_folder_sha256(generator), **settings, "out": str(run.resolve())}
+    base = {
+        "generator": model_folder_sha256(generator),
+        **settings,
+        "out": str(run.resolve()),
+        "labels_sha": file_sha(g.labels) if g.labels else None,
+        "controlnet_sha": model_folder_sha256(g.controlnet) if g.controlnet else None,
+    }
     chunks = [list(range(i, min(g.n, i + g.chunk))) for i in range(0, g.n, g.chunk)]
     futures = []
     for idx in chunks:

@@ -322,6 +322,16 @@ def generate(
             "columns left out stay open. Default: the config's `generate.condition`.",
         ),
     ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="A NIfTI label map every sample follows (needs --controlnet); written and exported as pairs.",
+            exists=True,
+        ),
+    ] = None,
+    controlnet: Annotated[
+        Path | None, typer.Option(help="RUN/controlnet from `medgen train controlnet` (needs --labels).", exists=True)
+    ] = None,
     guidance: Annotated[
         float | None,
         typer.Option(
@@ -337,7 +347,8 @@ def generate(
     chosen = sampler.value if sampler else (g.sampler if g else None)
     asked = parse_condition_args(condition) if condition else (g.condition if g else None)
     weight = guidance if guidance is not None else (g.guidance if g else 1.0)
-    _run_generate(model, n, out, chosen, steps or (g.steps if g else 50), seed, batch_size, device, asked, weight)
+    pair = (labels or (g.labels if g else None), controlnet or (g.controlnet if g else None))
+    _run_generate(model, n, out, chosen, steps or (g.steps if g else 50), seed, batch_size, device, asked, weight, pair)
 
 
 def _run_generate(
@@ -351,6 +362,7 @@ def _run_generate(
     device: str | None,
     condition: dict | None = None,
     guidance: float = 1.0,
+    pair: tuple[Path | None, Path | None] = (None, None),
 ):
     import time
 
@@ -368,6 +380,8 @@ def _run_generate(
         device=device,
         condition=condition,
         guidance=guidance,
+        labels=pair[0],
+        controlnet=pair[1],
     )
     seconds = time.perf_counter() - t0
     asked = f", condition {record.condition} at guidance {record.guidance:g}" if record.condition else ""

@@ -211,6 +211,14 @@ class GenerateConfig(_Strict):
     chunk: int = Field(2, ge=1)  # volumes per generation task when the flow fans out
     condition: dict[str, str | float] | None = None  # a conditioned generator: e.g. {sex: F, age: 70}
     guidance: float = Field(1.0, ge=0)  # classifier-free guidance weight (1 = as trained, 0 = unconditional)
+    controlnet: Path | None = None  # RUN/controlnet: samples follow `labels`, exported as image + label pairs
+    labels: Path | None = None  # a NIfTI label map (model geometry, or any grid: resampled nearest)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "GenerateConfig":
+        if (self.controlnet is None) != (self.labels is None):
+            raise ValueError("generate.controlnet and generate.labels go together: set both, or neither")
+        return self
 
 
 class ScoreNetworkConfig(_Strict):

@@ -1,5 +1,5 @@
 """ControlNet on the trained generator (issue 14, item 3): samples follow a given label map.
-One tiny model (16^3, ~1 min on CPU): 16 heads, each with a bright lesion at a random place and
+One tiny model (16^3, ~1 min on CPU): 20 heads, each with a bright lesion at a random place and
 its BIDS dseg, ingested as pairs; then asked for lesions at places it never saw."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ torch.set_num_threads(1)
 
 def controlnet_config() -> PipelineConfig:
     raw = json.loads(json.dumps(TINY))
+    raw["data"]["splits"] = ["train", "val"]  # test stays held out, for the quality gate
     raw["autoencoder"]["train"].update(steps=300, checkpoint_every=10000, log_every=100)
     raw["diffusion"]["train"].update(steps=400, batch_size=4, lr=3e-3, checkpoint_every=10000, log_every=100)
     raw["controlnet"] = {
@@ -50,7 +51,7 @@ def pairs(tmp_path_factory):
     der = root / "src" / "derivatives" / "seg"
     der.mkdir(parents=True)
     (der / "dseg.tsv").write_text("index\tname\n1\tlesion\n")
-    for i in range(16):
+    for i in range(20):
         m = sphere((20, 20, 20), rng.integers(6, 14, 3), 9)
         (root / "src" / f"sub-{i:02d}").mkdir()
         (der / f"sub-{i:02d}").mkdir()
@@ -59,7 +60,8 @@ def pairs(tmp_path_factory):
         nib.save(nib.Nifti1Image(img, aff), root / "src" / f"sub-{i:02d}" / f"sub-{i:02d}_T1w.nii.gz")
         nib.save(nib.Nifti1Image(m.astype(np.uint8), aff), der / f"sub-{i:02d}" / f"sub-{i:02d}_dseg.nii.gz")
     report = ingest(root / "src", root / "ing")
-    assert len(report.accepted) == 16 and all(r["status"] == "accepted" for r in report.labels)
+    assert len(report.accepted) == 20 and all(r["status"] == "accepted" for r in report.labels)
+    assert any(r["split"] == "test" for r in report.accepted)
     cfg = controlnet_config()
     run = root / "run"
     train_autoencoder(cfg, report.manifest_path, run, device="cpu")
@@ -133,3 +135,89 @@ def test_training_a_controlnet_without_label_maps_says_so(tmp_path):
     report = ingest(tmp_path / "src", tmp_path / "ing")
     with pytest.raises(MedgenError, match="no training scan has a paired label map"):
         train_controlnet(controlnet_config(), report.manifest_path, tmp_path / "run", device="cpu")
+
+
+LENIENT = {
+    "encoder": {"steps": 20},
+    "heldout_splits": ["test"],
+    "gate": {
+        "intensity_tolerance": 100.0,
+        "foreground_tolerance": 100.0,
+        "histogram_factor": 1000.0,
+        "radiomics_factor": None,
+        "min_pass_fraction": 0.0,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def pair_run(pairs, tmp_path_factory):
+    """Two samples made to follow one lesion mask, validated with a gate loose enough for a 1-minute
+    model (the gate is tested elsewhere; here what matters is what export writes for pairs)."""
+    from medgen.config import QualityConfig
+    from medgen.quality.validate import validate_run
+    from medgen.synthesis.runs import synthesize
+
+    root = tmp_path_factory.mktemp("pairs")
+    mask = sphere((16, 16, 16), (8, 6, 9), 7).astype(np.uint8)
+    nib.save(nib.Nifti1Image(mask, np.diag([4.0, 4, 4, 1])), root / "mask_dseg.nii.gz")
+    run = root / "run"
+    record = synthesize(
+        pairs["generator"], 2, run, steps=5, labels=root / "mask_dseg.nii.gz", controlnet=pairs["controlnet"]
+    )
+    assert record.label_table == {"1": "lesion"} and all(v.label_file for v in record.volumes)
+    verdict = validate_run(run, quality=QualityConfig.model_validate(LENIENT))
+    return run, mask, verdict
+
+
+def test_nifti_export_writes_image_and_dseg_pairs_on_one_grid(pair_run, tmp_path):
+    from medgen.export.exporter import export_run
+
+    run, mask, verdict = pair_run
+    res = export_run(run, tmp_path / "nii", "nifti")
+    assert res.exported, verdict
+    name = res.exported[0]
+    img = nib.load(tmp_path / "nii" / f"{name}.nii.gz")
+    lab = nib.load(tmp_path / "nii" / f"{name}_dseg.nii.gz")
+    np.testing.assert_array_equal(lab.affine, img.affine)
+    np.testing.assert_array_equal(np.asanyarray(lab.dataobj), mask)
+    assert (tmp_path / "nii" / f"{name}_dseg.tsv").read_text() == "index\tname\n1\tlesion\n"
+    prov = json.loads((tmp_path / "nii" / f"{name}.provenance.json").read_text())
+    assert prov["sampling"]["labels"]["table"] == {"1": "lesion"}
+    assert f"{name}_dseg.nii.gz" in prov["export"]["files"]
+
+
+def test_dicom_export_writes_a_seg_that_passes_dciodvfy_and_lands_on_its_series(pair_run, tmp_path):
+    import highdicom as hd
+    import pydicom
+    from test_dicom_export import ERROR, dicom3tools
+    from test_dicom_export import run as run_tool
+
+    from medgen.export.exporter import export_run
+
+    dciodvfy, _ = dicom3tools()
+    run, mask, _ = pair_run
+    res = export_run(run, tmp_path / "dcm", "dicom")
+    name = res.exported[0]
+    folder = tmp_path / "dcm" / name
+    seg_path = folder / "seg.dcm"
+    rc, out = run_tool([dciodvfy, str(seg_path)])
+    assert not ERROR.findall(out), out
+    seg = hd.seg.segread(str(seg_path))
+    images = sorted(p for p in folder.glob("*.dcm") if p.name != "seg.dcm")
+    first = pydicom.dcmread(images[0])
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    assert seg.StudyInstanceUID == first.StudyInstanceUID and str(seg.PatientID) == "SYNTHETIC"
+    assert seg.PatientIdentityRemoved == "YES"
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lesion"]
+    # highdicom reads it back onto the right image: ingest the export, and the SEG pairs with the
+    # series voxel for voxel (the same mask the sample followed, in the ingested geometry)
+    report = ingest(tmp_path / "dcm", tmp_path / "re")
+    rows = [r for r in report.labels if r["status"] == "accepted"]
+    assert len(rows) == len(res.exported) == len(report.accepted)
+    for row in rows:
+        scan_path = next(r["output_path"] for r in report.accepted if r["scan_id"] == row["scan_id"])
+        scan, back = nib.load(tmp_path / "re" / scan_path), nib.load(tmp_path / "re" / row["label_path"])
+        np.testing.assert_allclose(back.affine, scan.affine, atol=1e-4)
+        np.testing.assert_array_equal(np.asanyarray(back.dataobj), mask)  # RAS -> DICOM LPS -> RAS: same voxels
+        assert not row["notes"]  # the SEG's grid is the series' grid: no resampling

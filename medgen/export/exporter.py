@@ -3,6 +3,9 @@
     OUT/<name>.nii.gz  + OUT/<name>.provenance.json          (--format nifti)
     OUT/<name>/NNNN.dcm + OUT/<name>.provenance.json          (--format dicom)
     OUT/export.json                                           what this export wrote, and from where
+A sample made to follow a label map (ControlNet) is exported as a pair: OUT/<name>_dseg.nii.gz
+(+ OUT/<name>_dseg.tsv, the label table) beside the NIfTI image, or OUT/<name>/seg.dcm, a DICOM
+SEG referencing the exported series, inside its folder.
 
 Rules:
 - Only volumes that passed, from a batch that passed. A failed batch exports nothing. Volumes an
@@ -27,6 +30,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 from medgen.errors import ExportError
 from medgen.io.atomic import TMP_MARK, replace_dir, staging_dir, write_text_atomic
@@ -54,6 +59,8 @@ def _remove_export(out: Path, name: str) -> None:
     """Remove one volume's export, sidecar first: a visible sidecar always means a complete export."""
     (out / f"{name}.provenance.json").unlink(missing_ok=True)
     (out / f"{name}.nii.gz").unlink(missing_ok=True)
+    (out / f"{name}_dseg.nii.gz").unlink(missing_ok=True)
+    (out / f"{name}_dseg.tsv").unlink(missing_ok=True)
     if (out / name).is_dir():
         shutil.rmtree(out / name)
 
@@ -82,7 +89,23 @@ def _sidecar(
             "config_name": gen_prov.get("config_name"),
             "training_manifest_sha256": gen_prov["training_manifest_sha256"],
         },
-        "sampling": {"sampler": record.sampler, "steps": record.steps, "seed": record.seed, "index": entry.index},
+        "sampling": {
+            "sampler": record.sampler,
+            "steps": record.steps,
+            "seed": record.seed,
+            "index": entry.index,
+            "condition": record.condition,
+            "guidance": record.guidance,
+            "labels": (
+                {
+                    "sha256": entry.label_sha256,
+                    "controlnet_sha256": record.controlnet_sha256,
+                    "table": record.label_table,
+                }
+                if entry.label_file
+                else None
+            ),
+        },
         "code_version": record.code_version,
         "quality": {
             "verdict": "pass" if verdict["passed"] else "fail",
@@ -96,6 +119,24 @@ def _sidecar(
         "export": {"format": fmt, "files": files},
     }
     return doc
+
+
+def _labels(run: Path, entry, record):
+    """The label map a sample followed (None for a plain sample), with the record's label table."""
+    if not entry.label_file:
+        return None
+    import nibabel as nib
+
+    from medgen.io.labels import LabelMap
+
+    img = nib.load(str(run / entry.label_file))
+    table = {int(k): v for k, v in (record.label_table or {}).items()}
+    return LabelMap(np.asarray(img.dataobj), img.affine, table)
+
+
+def _dseg_tsv(table: dict[int, str]) -> str:
+    """BIDS dseg.tsv: index and name of every label."""
+    return "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in sorted(table.items()))
 
 
 def _check_target(run: Path, out: Path, overwrite: bool) -> None:
@@ -127,7 +168,9 @@ def export_run(
     with `OutputExistsError`; `overwrite=True` writes into a foreign folder anyway, keeping its files.
     """
 
+    from medgen.io.dicom.seg import write_seg
     from medgen.io.dicom.write import SOP_CLASS, write_series
+    from medgen.io.labels import write_label_nifti
     from medgen.io.nifti import read_nifti, write_nifti
     from medgen.io.schemas import validate
     from medgen.models.bundle import generator_metadata
@@ -175,9 +218,14 @@ def export_run(
         # the file name carries no modality hint: the generator's metadata says what it makes
         vol = vol.replace(meta=VolumeMeta(modality=gen_meta["modality"], units=gen_meta["units"]))
         name = entry.name
+        labels = _labels(run, entry, record)
         if fmt == "nifti":
             write_nifti(vol, out / f"{name}.nii.gz")
             files = [f"{name}.nii.gz"]
+            if labels is not None:
+                write_label_nifti(labels.replace_affine(vol.affine), out / f"{name}_dseg.nii.gz")
+                write_text_atomic(out / f"{name}_dseg.tsv", _dseg_tsv(labels.table))
+                files += [f"{name}_dseg.nii.gz", f"{name}_dseg.tsv"]
         else:
             tmp = staging_dir(out / name)
             paths = write_series(
@@ -188,6 +236,16 @@ def export_run(
                 deidentified=True,
                 content_datetime=created,
             )
+            if labels is not None:
+                seg = write_seg(
+                    labels.data,
+                    labels.table,
+                    paths,
+                    tmp / "seg.dcm",
+                    uid_seed=f"medgen-export-seg:{record.generator_sha256}:{entry.sha256}:{entry.label_sha256}",
+                    description=f"medgen synthetic {name} labels",
+                )
+                paths = [*paths, seg]
             # the old sidecar goes first: it must not outlive the series it describes
             (out / f"{name}.provenance.json").unlink(missing_ok=True)
             replace_dir(tmp, out / name)

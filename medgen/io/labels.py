@@ -42,6 +42,10 @@ class LabelMap:
     table: dict[int, str]  # label value -> name (background 0 not listed)
     notes: list[str] = field(default_factory=list)
 
+    def replace_affine(self, affine: np.ndarray) -> "LabelMap":
+        """The same voxels on the grid of their image as that image's file has it (float32 qform)."""
+        return LabelMap(self.data, np.asarray(affine, dtype=float), self.table, self.notes)
+
 
 def bids_suffix(path: str | Path) -> str:
     """The BIDS suffix of a NIfTI name (sub-01_T1w.nii.gz -> 'T1w'), '' when there is none."""

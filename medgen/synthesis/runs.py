@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from medgen.errors import RunError
@@ -30,6 +31,8 @@ class SynthVolume(BaseModel):
     file: str  # relative to the run folder
     index: int
     sha256: str
+    label_file: str | None = None  # the label map the sample was made to follow (ControlNet)
+    label_sha256: str | None = None
 
 
 class SynthesisRecord(BaseModel):
@@ -43,6 +46,9 @@ class SynthesisRecord(BaseModel):
     seed: int
     condition: dict[str, str | float] | None = None  # what a conditioned generator was asked for
     guidance: float | None = None  # its classifier-free guidance weight
+    controlnet: str | None = None  # the ControlNet the samples followed label maps with
+    controlnet_sha256: str | None = None
+    label_table: dict[str, str] | None = None  # label value -> name, of the label maps
     created: str  # ISO-8601 UTC: the content date of exports
     code_version: dict[str, str | None]
     volumes: list[SynthVolume]
@@ -61,6 +67,8 @@ def generate_volumes(
     decode_roi: tuple[int, int, int] | None = None,
     condition: dict[str, str | float] | None = None,
     guidance: float = 1.0,
+    labels: str | Path | None = None,
+    controlnet: str | Path | None = None,
 ) -> list[SynthVolume]:
     """Generate samples `indices` of `seed` into OUT/volumes/ (each file atomically).
 
@@ -74,6 +82,16 @@ def generate_volumes(
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gen = load_generator(generator, device=dev)
+    cn, label_map = None, None
+    if controlnet is not None or labels is not None:
+        from medgen.models.controlnet import load_controlnet
+
+        if controlnet is None or labels is None:
+            from medgen.errors import ConditionError
+
+            raise ConditionError("a label map and a ControlNet go together: give both, or neither")
+        cn = load_controlnet(controlnet, gen, device=dev)
+        label_map = model_labels(labels, gen.data_cfg)
     vols = generate(
         gen,
         len(indices),
@@ -86,13 +104,42 @@ def generate_volumes(
         decode_roi=decode_roi,
         condition=condition,
         guidance=guidance,
+        labels=label_map,
+        controlnet=cn,
     )
     entries = []
     for i, vol in zip(indices, vols):
         name = f"synthetic_{i:04d}"
         path = write_nifti(vol, Path(out) / "volumes" / f"{name}.nii.gz")
-        entries.append(SynthVolume(name=name, file=str(path.relative_to(out)), index=i, sha256=sha256_file(path)))
+        entry = SynthVolume(name=name, file=str(path.relative_to(out)), index=i, sha256=sha256_file(path))
+        if cn is not None and label_map is not None:
+            from medgen.io.labels import LabelMap, write_label_nifti
+
+            lab = write_label_nifti(
+                LabelMap(label_map, vol.affine, cn.table), Path(out) / "labels" / f"{name}_dseg.nii.gz"
+            )
+            entry.label_file, entry.label_sha256 = str(lab.relative_to(out)), sha256_file(lab)
+        entries.append(entry)
     return entries
+
+
+def model_labels(labels: str | Path, data_cfg) -> np.ndarray:
+    """A label map file (NIfTI) in the model's geometry: as is when it already has the model's grid
+    size, else through the same orientation / spacing / crop chain as training scans (nearest)."""
+    import nibabel as nib
+
+    from medgen.datasets.preprocess import label_transforms
+    from medgen.io.labels import LabelError, checked_labels
+
+    path = Path(labels)
+    try:
+        img = nib.load(str(path))
+    except Exception as e:
+        raise LabelError(path, f"unreadable label map ({type(e).__name__}: {e})") from e
+    data = checked_labels(np.asanyarray(img.dataobj), path)
+    if tuple(data.shape) == tuple(data_cfg.size):
+        return data
+    return np.asarray(label_transforms(data_cfg)({"label": str(path)})["label"][0]).round().astype(data.dtype)
 
 
 def write_record(
@@ -105,9 +152,15 @@ def write_record(
     seed: int,
     condition: dict[str, str | float] | None = None,
     guidance: float = 1.0,
+    controlnet: str | Path | None = None,
 ) -> SynthesisRecord:
     """The run's record, written last: a run folder with a record is complete."""
     generator = Path(generator).resolve()
+    table = None
+    if controlnet is not None:
+        from medgen.models.folder import read_metadata
+
+        table = read_metadata(controlnet, "controlnet folder")["labels"]["table"]
     record = SynthesisRecord(
         generator=str(generator),
         generator_sha256=model_folder_sha256(generator),
@@ -116,6 +169,9 @@ def write_record(
         seed=seed,
         condition=condition or None,
         guidance=guidance if condition else None,
+        controlnet=str(Path(controlnet).resolve()) if controlnet else None,
+        controlnet_sha256=model_folder_sha256(controlnet) if controlnet else None,
+        label_table=table,
         created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         code_version=code_version(),
         volumes=sorted(entries, key=lambda e: e.index),
@@ -163,10 +219,14 @@ def synthesize(
     decode_roi: tuple[int, int, int] | None = None,
     condition: dict[str, Any] | None = None,
     guidance: float = 1.0,
+    labels: str | Path | None = None,
+    controlnet: str | Path | None = None,
 ) -> SynthesisRecord:
     """Generate `n` volumes into the run folder `out` and write its record (synthesis.json), the
     input of `validate_run` and `export_run`. For volumes in memory only, use `medgen.generate`.
-    `condition`/`guidance`: as in `medgen.generate`, for a conditioned generator."""
+    `condition`/`guidance`: as in `medgen.generate`, for a conditioned generator. `labels` (a NIfTI
+    label map) with `controlnet` (RUN/controlnet): every sample follows that map, which is written
+    beside it (labels/synthetic_NNNN_dseg.nii.gz) and exported with it as a pair."""
     sampler = model_sampler(generator, sampler, steps)
     condition = model_condition(generator, condition)
     entries = generate_volumes(
@@ -181,9 +241,19 @@ def synthesize(
         decode_roi=decode_roi,
         condition=condition,
         guidance=guidance,
+        labels=labels,
+        controlnet=controlnet,
     )
     return write_record(
-        out, generator, entries, sampler=sampler, steps=steps, seed=seed, condition=condition, guidance=guidance
+        out,
+        generator,
+        entries,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        condition=condition,
+        guidance=guidance,
+        controlnet=controlnet,
     )
 
 
@@ -198,7 +268,10 @@ def read_record(run: str | Path, *, verify: bool = True) -> SynthesisRecord:
         raise RunError(f"{path}: unreadable synthesis record ({e})") from e
     if verify:
         for v in record.volumes:
-            f = run / v.file
-            if not f.exists() or sha256_file(f) != v.sha256:
-                raise RunError(f"{f}: missing or changed since it was generated (hash differs from {RECORD})")
+            for rel, sha in ((v.file, v.sha256), (v.label_file, v.label_sha256)):
+                if rel is None:
+                    continue
+                f = run / rel
+                if not f.exists() or sha256_file(f) != sha:
+                    raise RunError(f"{f}: missing or changed since it was generated (hash differs from {RECORD})")
     return record
