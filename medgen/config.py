@@ -366,10 +366,25 @@ class GateConfig(_Strict):
     max_diversity_ms_ssim: float | None = None  # mean pairwise MS-SSIM above this = mode collapse
 
 
+class UtilityConfig(_Strict):
+    """Train-on-synthetic / test-on-real checks (medgen.quality.utility): the small networks and,
+    optionally, gate thresholds on what they measure (None: reported, not gated)."""
+
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    channels: Channels = (8, 16, 32)
+    seed: int = 0
+    min_synthetic_to_real: float | None = Field(None, ge=0)  # Dice(synthetic-trained) / Dice(real-trained)
+    min_mask_adherence: float | None = Field(None, ge=0, le=1)  # mean Dice of samples against their asked maps
+    min_condition_accuracy: float | None = Field(None, ge=0, le=1)  # on synthetic, for a categorical condition
+
+
 class QualityConfig(_Strict):
     heldout_splits: list[Split] = ["val", "test"]
     encoder: FeatureEncoderConfig = FeatureEncoderConfig()
     gate: GateConfig = GateConfig()
+    utility: UtilityConfig | None = UtilityConfig()  # None: no utility/fidelity checks
 
 
 class ExportConfig(_Strict):
