@@ -35,6 +35,7 @@ COLUMNS = [
 def conditioned_config(**diffusion) -> PipelineConfig:
     raw = json.loads(json.dumps(TINY))
     raw["covariates"] = {"table": "participants.tsv", "columns": COLUMNS}
+    raw["data"]["splits"] = ["train", "val"]  # test stays held out, for the quality report
     raw["autoencoder"]["train"].update(steps=300, checkpoint_every=10000, log_every=100)
     raw["diffusion"]["train"].update(steps=800, batch_size=4, lr=3e-3, checkpoint_every=10000, log_every=100)
     raw["diffusion"]["conditioning"] = {"columns": ["lesion", "age"], "dropout": 0.15}
@@ -44,19 +45,20 @@ def conditioned_config(**diffusion) -> PipelineConfig:
 
 @pytest.fixture(scope="module")
 def lesion_model(tmp_path_factory):
-    """12 heads, the even ones with a lesion (radius 4 voxels at a fixed place), declared in a
+    """14 heads, the even ones with a lesion (radius 4 voxels at a fixed place), declared in a
     BIDS participants.tsv with an age column that changes nothing."""
     root = tmp_path_factory.mktemp("cond")
     g = np.stack(np.meshgrid(*[np.arange(20)] * 3, indexing="ij"))
     lesion = ((g - np.array([13, 8, 10])[:, None, None, None]) ** 2).sum(0) <= 16
     rows = ["participant_id\tlesion\tage"]
-    for i in range(12):
+    for i in range(14):
         v = np.where(lesion, 1800.0, blobs(i)).astype(np.float32) if i % 2 == 0 else blobs(i)
         d = root / "src" / f"sub-{i:02d}"
         d.mkdir(parents=True)
         nib.save(nib.Nifti1Image(v, np.diag([4.0, 4, 4, 1])), d / f"sub-{i:02d}_T1w.nii.gz")
         rows.append(f"sub-{i:02d}\t{'yes' if i % 2 == 0 else 'no'}\t{30 + 3 * i}")
     report = ingest(root / "src", root / "ing")
+    assert any(r["split"] == "test" for r in report.accepted)
     (root / "ing" / "participants.tsv").write_text("\n".join(rows) + "\n")
     cfg = conditioned_config()
     train_autoencoder(cfg, report.manifest_path, root / "run", device="cpu")
@@ -130,7 +132,8 @@ def test_bundle_records_columns_encodings_and_training_counts_but_no_subject(les
     assert [c["name"] for c in cond["columns"]] == ["lesion", "age"]
     assert cond["columns"][0]["levels"] == ["no", "yes"] and cond["columns"][1]["range"] == [18, 90]
     assert cond["dim"] == 4 and "one-hot" in cond["encoding"]
-    assert meta["provenance"]["training_conditions"]["lesion"] == {"no": 6, "yes": 6}
+    counts = meta["provenance"]["training_conditions"]["lesion"]
+    assert counts["no"] + counts["yes"] == meta["provenance"]["training_conditions"]["scans"] >= 10
     assert "sub-0" not in json.dumps(meta)
 
 
@@ -187,3 +190,19 @@ def test_cli_generates_to_order_and_refuses_an_unknown_level(lesion_model, tmp_p
     assert parse_condition_args(["age=70", "sex=F"]) == {"age": "70", "sex": "F"}
     with pytest.raises(ConditionError, match="COLUMN=VALUE"):
         parse_condition_args(["age"])
+
+
+def test_the_quality_report_reads_the_asked_condition_back(lesion_model, tmp_path):
+    from medgen.config import QualityConfig
+    from medgen.quality.validate import validate_run
+    from medgen.synthesis.runs import synthesize
+
+    run = tmp_path / "run"
+    synthesize(lesion_model["bundle"], 4, run, steps=10, condition={"lesion": "yes"}, guidance=3.0)
+    quality = QualityConfig.model_validate({"encoder": {"steps": 20}, "heldout_splits": ["test"]})
+    validate_run(run, quality=quality)
+    report = json.loads((run / "quality" / "report.json").read_text())
+    c = report["utility"]["conditions"]["lesion"]
+    assert c["metric"] == "accuracy" and c["asked"] == "yes" and c["n_synthetic"] == 4 and c["chance"] == 0.5
+    assert c["heldout_real"] is not None and c["synthetic"] is not None
+    assert "Condition lesion=yes" in (run / "quality" / "report.md").read_text()

@@ -182,6 +182,11 @@ def test_nifti_export_writes_image_and_dseg_pairs_on_one_grid(pair_run, tmp_path
     np.testing.assert_array_equal(lab.affine, img.affine)
     np.testing.assert_array_equal(np.asanyarray(lab.dataobj), mask)
     assert (tmp_path / "nii" / f"{name}_dseg.tsv").read_text() == "index\tname\n1\tlesion\n"
+    report = json.loads((run / "quality" / "report.json").read_text())
+    seg = report["utility"]["segmentation"]
+    assert seg["values"] == ["1"] and seg["n_synthetic"] == 2 and seg["n_real_test"] >= 1
+    assert set(seg) >= {"dice_real", "dice_synthetic", "dice_real+synthetic", "mask_adherence_mean"}
+    assert "## Utility" in (run / "quality" / "report.md").read_text()
     prov = json.loads((tmp_path / "nii" / f"{name}.provenance.json").read_text())
     assert prov["sampling"]["labels"]["table"] == {"1": "lesion"}
     assert f"{name}_dseg.nii.gz" in prov["export"]["files"]

@@ -60,6 +60,7 @@ def report_dict(record: "SynthesisRecord", result: "BatchResult") -> dict:
             for v in result.volumes
         ],
         "files": {"markdown": MARKDOWN, "montage": MONTAGE, "histograms": HISTOGRAMS},
+        **({"utility": extra["utility"]} if extra.get("utility") is not None else {}),
     }
 
 
@@ -122,7 +123,41 @@ def markdown(report: dict) -> str:
         f"![histograms]({HISTOGRAMS})",
         "",
     ]
+    if "utility" in report:
+        lines += utility_markdown(report["utility"])
     return "\n".join(lines)
+
+
+def utility_markdown(u: dict) -> list[str]:
+    """The train-on-synthetic / test-on-real table, mask adherence and condition fidelity."""
+    lines = ["## Utility (does the synthetic set teach anything real?)", ""]
+    seg = u.get("segmentation")
+    if seg:
+        values = seg["values"]
+        lines += [
+            f"Segmentation Dice on {seg['n_real_test']} held-out real pairs of a small UNet trained for "
+            f"{seg['steps']} steps on {seg['n_real_train']} real and/or {seg['n_synthetic']} synthetic pairs:",
+            "",
+            "| trained on | " + " | ".join(f"label {v}" for v in values) + " |",
+            "|---|" + "---|" * len(values),
+        ]
+        for name in ("real", "synthetic", "real+synthetic"):
+            lines.append(f"| {name} | " + " | ".join(_fmt(seg[f"dice_{name}"][v]) for v in values) + " |")
+        lines += [
+            "",
+            f"Synthetic-only / real-only Dice: {_fmt(seg['synthetic_to_real'])}. Mask adherence (real-trained UNet "
+            f"on the samples vs the maps they were asked to follow): {_fmt(seg['mask_adherence_mean'])}.",
+            "",
+        ]
+    for col, c in (u.get("conditions") or {}).items():
+        lines.append(
+            f"Condition {col}={c.get('asked')}: a CNN trained on real scans scores {c['metric']} "
+            f"{_fmt(c['synthetic'])} on the samples, {_fmt(c['heldout_real'])} on held-out real scans"
+            + (f" (chance {_fmt(c['chance'])})." if c.get("chance") else ".")
+        )
+    for why in u.get("skipped", []):
+        lines.append(f"- not measured: {why}")
+    return lines + [""]
 
 
 def _mid_slices(v: np.ndarray) -> list[np.ndarray]:

@@ -132,9 +132,118 @@ def validate_run(
         "gate": quality.gate.model_dump(mode="json"),
         "volume_sha256": {v.name: v.sha256 for v in record.volumes},
     }
+    if quality.utility is not None:
+        u = utility_section(run, record, meta, manifest, train_items, held_items, train, held, volumes, quality)
+        if u.get("segmentation") or u.get("conditions") or u["skipped"]:  # a plain run: nothing to say
+            result.extra["utility"] = u
+        failed = utility_failures(u, quality.utility)
+        if failed:
+            result.passed = False
+            result.reasons = [*result.reasons, *failed]
     out = run / QUALITY_DIR
     report_path = write_report_files(out, record, result, volumes, ref)
     return Validation(run=run, record=record, result=result, report_path=report_path)
+
+
+def utility_section(
+    run: Path,
+    record: SynthesisRecord,
+    meta: dict,
+    manifest: Path,
+    train_items: list[dict],
+    held_items: list[dict],
+    train: np.ndarray,
+    held: np.ndarray,
+    volumes: np.ndarray,
+    quality: QualityConfig,
+) -> dict:
+    """What medgen.quality.utility can measure for this run: segmentation utility and mask
+    adherence when the samples came with label maps and real pairs exist on both sides of the
+    split; condition fidelity when the samples were asked for a condition and the real scans'
+    covariates are known (RUN/covariates.csv, written when the conditioned model was trained)."""
+    import csv
+
+    import nibabel as nib
+
+    from medgen.datasets.prepared import prepare_labels
+    from medgen.quality.utility import Pairs, condition_fidelity, segmentation_utility
+
+    cfg = quality.utility
+    assert cfg is not None
+    data_cfg = DataConfig.model_validate(meta["preprocessing"]["data"])
+    u: dict = {"skipped": []}
+    if all(v.label_file for v in record.volumes):
+        tr_lab, tr_keep = prepare_labels(train_items, manifest, data_cfg)
+        he_lab, he_keep = prepare_labels(held_items, manifest, data_cfg)
+        if tr_keep and he_keep:
+            synth_lab = np.stack([np.asarray(nib.load(run / str(v.label_file)).dataobj) for v in record.volumes])
+            values = sorted(int(x) for x in set(np.unique(tr_lab.numpy())) | set(np.unique(synth_lab)) if x > 0)
+            u["segmentation"] = segmentation_utility(
+                Pairs(train[tr_keep], tr_lab[:, 0].numpy()),
+                Pairs(volumes, synth_lab),
+                Pairs(held[he_keep], he_lab[:, 0].numpy()),
+                values,
+                cfg,
+            )
+        else:
+            u["skipped"].append("segmentation utility: no real image+label pairs among the training or held-out scans")
+    if record.condition:
+        cov_path = Path(record.generator).parent / "covariates.csv"
+        spec = {c["name"]: c for c in meta.get("conditioning", {}).get("columns", [])}
+        if not cov_path.is_file():
+            u["skipped"].append(
+                f"condition fidelity: {cov_path.name} (the real scans' covariates) not beside the generator"
+            )
+        else:
+            rows = {r["scan_id"]: r for r in csv.DictReader(cov_path.read_text().splitlines())}
+            u["conditions"] = {}
+            for col, asked in record.condition.items():
+                c = spec[col]
+                tr = [
+                    (i, rows[it["scan_id"]][col])
+                    for i, it in enumerate(train_items)
+                    if rows.get(it["scan_id"], {}).get(col)
+                ]
+                he = [
+                    (i, rows[it["scan_id"]][col])
+                    for i, it in enumerate(held_items)
+                    if rows.get(it["scan_id"], {}).get(col)
+                ]
+                if len(tr) < 2 or not he:
+                    u["skipped"].append(f"condition fidelity of {col}: too few real scans with a known {col}")
+                    continue
+                num = c["kind"] == "continuous"
+                conv = (lambda x: float(x)) if num else (lambda x: x)
+                res = condition_fidelity(
+                    train[[i for i, _ in tr]],
+                    [conv(v) for _, v in tr],
+                    held[[i for i, _ in he]],
+                    [conv(v) for _, v in he],
+                    volumes,
+                    [asked] * len(volumes),
+                    c["kind"],
+                    c.get("levels"),
+                    cfg,
+                )
+                u["conditions"][col] = {**res, "asked": asked}
+    return u
+
+
+def utility_failures(u: dict, cfg) -> list[str]:
+    """Reasons the batch fails the optional utility thresholds (none set: never fails)."""
+    out = []
+    seg = u.get("segmentation") or {}
+    ratio, adherence = seg.get("synthetic_to_real"), seg.get("mask_adherence_mean")
+    if cfg.min_synthetic_to_real is not None and ratio is not None and ratio < cfg.min_synthetic_to_real:
+        out.append(f"synthetic-only Dice is {ratio:.2f} of real-only (< {cfg.min_synthetic_to_real})")
+    if cfg.min_mask_adherence is not None and adherence is not None and adherence < cfg.min_mask_adherence:
+        out.append(f"mask adherence Dice {adherence:.2f} < {cfg.min_mask_adherence}")
+    for col, c in (u.get("conditions") or {}).items():
+        acc = c.get("synthetic")
+        if cfg.min_condition_accuracy is not None and c["metric"] == "accuracy" and acc is not None:
+            if acc < cfg.min_condition_accuracy:
+                out.append(f"condition {col}: accuracy on the samples {acc:.2f} < {cfg.min_condition_accuracy}")
+    return out
 
 
 def read_report(run: str | Path) -> dict:

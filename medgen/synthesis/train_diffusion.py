@@ -71,7 +71,7 @@ def drop_conditions(
 
 
 def training_conditions(
-    cfg: PipelineConfig, manifest: str | Path, scan_ids: list[str]
+    cfg: PipelineConfig, manifest: str | Path, scan_ids: list[str], run_dir: str | Path
 ) -> tuple[ConditionSpace, torch.Tensor, list[int], dict[str, Any]]:
     """The condition vector of each training scan, the scans to train on (a scan whose subject the
     covariates config drops is left out), and a summary for the bundle's provenance: how many
@@ -95,6 +95,11 @@ def training_conditions(
         else:
             nums = [float(v) for v in got]
             summary[c.name] = {"min": min(nums), "max": max(nums)} if nums else {}
+    # the real scans' covariates beside the generator: what quality validation's condition
+    # fidelity check trains on and scores held-out real scans with (scan ids only, no subject)
+    from medgen.datasets.covariates import write_covariates
+
+    write_covariates(table, cfg.covariates, Path(run_dir) / "covariates.csv")
     return space, vectors, keep, summary
 
 
@@ -120,7 +125,7 @@ def train_diffusion(
     vectors = torch.zeros(len(items), 0)
     summary: dict[str, Any] = {}
     if dcfg.conditioning is not None:
-        space, vectors, keep, summary = training_conditions(cfg, manifest, [i["scan_id"] for i in items])
+        space, vectors, keep, summary = training_conditions(cfg, manifest, [i["scan_id"] for i in items], run_dir)
         latents, items = latents[keep], [items[i] for i in keep]
     ccfg = dcfg.conditioning
 
