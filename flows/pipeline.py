@@ -80,6 +80,29 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
 
+def utility_line(u: dict) -> str:
+    """Train-on-synthetic / test-on-real in one line (the full table is in report.md)."""
+    parts = []
+    seg = u.get("segmentation")
+    if seg:
+        mean = {k: _mean(seg[f"dice_{k}"]) for k in ("real", "synthetic", "real+synthetic")}
+        parts.append(
+            "held-out real Dice, UNet trained on real / synthetic / both: "
+            + " / ".join(_num(mean[k]) for k in ("real", "synthetic", "real+synthetic"))
+            + f"; mask adherence {_num(seg['mask_adherence_mean'])}"
+        )
+    for col, c in (u.get("conditions") or {}).items():
+        parts.append(
+            f"{col}={c['asked']} read back: {c['metric']} {_num(c['synthetic'])} (held-out real {_num(c['heldout_real'])})"
+        )
+    return "; ".join(parts)
+
+
+def _mean(d: dict) -> float | None:
+    vals = [x for x in d.values() if x is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def print_summary(result: dict, wall: float) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -107,6 +130,9 @@ def print_summary(result: dict, wall: float) -> None:
         f"gate {'PASS' if v['passed'] else 'FAIL'}: {len(v['passing'])} of {len(v['passing']) + len(v['failing'])} volumes pass; "
         f"FID {_num(real['fid'])} (held-out real {_num(v['realism_heldout_real']['fid'])}); {exported}",
     )
+    u = v.get("utility") or {}
+    if u.get("segmentation") or u.get("conditions"):
+        table.add_row("utility", "", utility_line(u))
     if result["denoise"]:
         table.add_row(
             "denoise",

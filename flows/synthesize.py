@@ -53,6 +53,7 @@ def validate_task(run: str, config_path: str, cache_key: str) -> dict:
         "realism": r.realism,
         "realism_heldout_real": r.heldout_realism,
         "diversity": r.diversity,
+        "utility": r.extra.get("utility"),
     }
 
 
@@ -69,7 +70,7 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
     import torch
 
     from medgen.provenance import model_folder_sha256
-    from medgen.synthesis.runs import RECORD, model_condition, model_sampler
+    from medgen.synthesis.runs import RECORD, label_files, model_condition, model_sampler
 
     cfg = config(config_path)
     g = cfg.generate
@@ -85,14 +86,14 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
         "decode_roi": g.decode_roi,
         "condition": model_condition(generator, g.condition),
         "guidance": g.guidance,
-        "labels": str(g.labels) if g.labels else None,
+        "labels": [str(f) for f in label_files(g.labels)] if g.labels else None,
         "controlnet": str(g.controlnet) if g.controlnet else None,
     }
     base = {
         "generator": model_folder_sha256(generator),
         **settings,
         "out": str(run.resolve()),
-        "labels_sha": file_sha(g.labels) if g.labels else None,
+        "labels_sha": [file_sha(f) for f in label_files(g.labels)] if g.labels else None,
         "controlnet_sha": model_folder_sha256(g.controlnet) if g.controlnet else None,
     }
     chunks = [list(range(i, min(g.n, i + g.chunk))) for i in range(0, g.n, g.chunk)]

@@ -156,7 +156,7 @@ def covariates(
 
     cfg = _load_config(config)
     cfg.require("covariates")
-    table = load_covariates(cfg.covariates, manifest)
+    table = load_covariates(cfg.covariates, manifest, salt=cfg.ingest.salt if cfg.ingest else None)
     out = write_covariates(table, cfg.covariates, manifest.parent / "covariates.csv")
     console = _console()
     console.print(f"-> {out}: {len(table.values)} scans with {len(cfg.covariates.columns)} covariates")
@@ -325,7 +325,7 @@ def generate(
     labels: Annotated[
         Path | None,
         typer.Option(
-            help="A NIfTI label map every sample follows (needs --controlnet); written and exported as pairs.",
+            help="A NIfTI label map, or a folder of *_dseg.nii.gz (sample i follows map i mod k); needs --controlnet; written and exported as pairs.",
             exists=True,
         ),
     ] = None,

@@ -212,7 +212,9 @@ class GenerateConfig(_Strict):
     condition: dict[str, str | float] | None = None  # a conditioned generator: e.g. {sex: F, age: 70}
     guidance: float = Field(1.0, ge=0)  # classifier-free guidance weight (1 = as trained, 0 = unconditional)
     controlnet: Path | None = None  # RUN/controlnet: samples follow `labels`, exported as image + label pairs
-    labels: Path | None = None  # a NIfTI label map (model geometry, or any grid: resampled nearest)
+    # NIfTI label maps (model geometry, or any grid: resampled nearest): a file, a list, or a
+    # folder of *_dseg.nii.gz; sample i follows map i mod k
+    labels: Path | list[Path] | None = None
 
     @model_validator(mode="after")
     def _pairs(self) -> "GenerateConfig":

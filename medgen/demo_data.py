@@ -139,6 +139,17 @@ def nested_phantom(shape: tuple[int, int, int], rng: np.random.Generator) -> np.
 def template_population(
     n: int = POPULATION_SIZE, seed: int = 0, spacing: float = 2.0, template: tuple[np.ndarray, np.ndarray] | None = None
 ) -> list[Volume]:
+    """`n` pseudo-subjects from the MNI152 T1 template (see `_population`)."""
+    return _population(n, seed, spacing, template)[0]
+
+
+def _population(
+    n: int,
+    seed: int,
+    spacing: float,
+    template: tuple[np.ndarray, np.ndarray] | None = None,
+    also: tuple[np.ndarray, ...] = (),
+) -> tuple[list[Volume], list[list[np.ndarray]]]:
     """`n` pseudo-subjects from the MNI152 T1 template: random affine (+-6 deg, +-6 % scale,
     +-3 mm shift), a smooth multiplicative bias field and a gamma change, resampled to `spacing` mm.
 
@@ -153,7 +164,8 @@ def template_population(
     out_affine = centred_affine((spacing,) * 3, shape)  # RAS, centred on the world origin (the template's AC)
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    volumes = []
+    volumes: list[Volume] = []
+    warped: list[list[np.ndarray]] = []  # `also` (maps on the template's grid) through each warp
     for _ in range(n):
         warp = np.eye(4)
         warp[:3, :3] = rotation(tuple(rng.uniform(-6, 6, 3))) @ np.diag(rng.uniform(0.94, 1.06, 3))
@@ -161,6 +173,9 @@ def template_population(
         # output voxel -> world -> (inverse warp) -> template voxel
         m = np.linalg.inv(src_affine) @ np.linalg.inv(warp) @ out_affine
         vol = affine_transform(src, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=1, cval=0.0)
+        warped.append(
+            [affine_transform(a, m[:3, :3], offset=m[:3, 3], output_shape=shape, order=1, cval=0.0) for a in also]
+        )
         coeffs = rng.normal(0, 0.12, (3, 3))
         bias = np.exp(
             sum(
@@ -170,7 +185,48 @@ def template_population(
         )
         vol = np.clip(vol, 0, None) ** rng.uniform(0.8, 1.25) * bias
         volumes.append(Volume((vol * 1000.0).astype(np.float32), out_affine, VolumeMeta(modality="MR")))
-    return volumes
+    return volumes, warped
+
+
+TISSUE_LABELS = {1: "grey matter", 2: "white matter", 3: "lesion (simulated)"}
+
+
+def lesion_population(
+    n: int = POPULATION_SIZE, seed: int = 0, spacing: float = 2.0
+) -> tuple[list[Volume], list[np.ndarray], list[bool]]:
+    """The template population with what conditioned generation and ControlNet need: tissue
+    labels (grey / white matter from nilearn's MNI152 probability maps, warped with each subject)
+    and, in every other subject, a SIMULATED lesion: a bright ellipsoid (x1.8 signal, 12-18 mm
+    radii) placed in white matter, labelled 3. The images and maps are the template population's
+    exactly, plus the lesion: the lesion flag really changes the image, the maps really match it.
+    Nothing here is a patient's lesion; it is disclosed as simulated wherever it is written."""
+    import nibabel as nib
+
+    data = _package_dir("nilearn") / "datasets" / "data"
+    gm = np.asarray(nib.load(data / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").get_fdata(dtype=np.float32))
+    wm = np.asarray(nib.load(data / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").get_fdata(dtype=np.float32))
+    volumes, warped = _population(n, seed, spacing, also=(gm, wm))
+    rng = np.random.default_rng([seed, 1])  # its own stream: the population itself is unchanged
+    out_v, out_l, flags = [], [], []
+    for i, (vol, (g, w)) in enumerate(zip(volumes, warped)):
+        labels = np.zeros(vol.shape, np.uint8)
+        labels[(g > 0.5) & (g >= w)] = 1
+        labels[(w > 0.5) & (w > g)] = 2
+        data_i = vol.data.copy()
+        has = i % 2 == 0
+        if has:
+            white = np.argwhere(labels == 2)
+            centre = white[rng.integers(len(white))]
+            radii = rng.uniform(12, 18, 3) / spacing
+            grid = np.stack(np.meshgrid(*[np.arange(s) for s in vol.shape], indexing="ij")).astype(np.float32)
+            inside = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) <= 1
+            inside &= labels > 0  # inside the brain
+            data_i[inside] = np.percentile(data_i[labels == 2], 50) * 1.8
+            labels[inside] = 3
+        out_v.append(vol.replace(data=data_i.astype(np.float32)))
+        out_l.append(labels)
+        flags.append(has)
+    return out_v, out_l, flags
 
 
 def build_sample_data(out: str | Path, *, force: bool = False) -> list[SampleItem]:
@@ -307,15 +363,38 @@ def build_sample_data(out: str | Path, *, force: bool = False) -> list[SampleIte
             "rejected by default (4D EPI, 2 frames); accepted as 2 volumes with --frames split",
         )
     )
-    for i, vol in enumerate(template_population()):
+    import nibabel as nib
+
+    pop = nifti / "population"
+    der = pop / "derivatives" / "tissue"
+    der.mkdir(parents=True)
+    write_text_atomic(
+        der / "dataset_description.json",
+        '{"Name": "medgen demo tissue labels (lesions SIMULATED)", "BIDSVersion": "1.9.0", "DatasetType": "derivative"}\n',
+    )
+    write_text_atomic(der / "dseg.tsv", "index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in TISSUE_LABELS.items()))
+    rows = ["participant_id\tlesion"]
+    for i, (vol, labels, has) in enumerate(zip(*lesion_population())):
         sub = f"sub-pop{i:02d}"
-        write_nifti(vol, nifti / "population" / sub / "anat" / f"{sub}_T1w.nii.gz")
+        write_nifti(vol, pop / sub / "anat" / f"{sub}_T1w.nii.gz")
+        (der / sub / "anat").mkdir(parents=True)
+        nib.save(nib.Nifti1Image(labels, vol.affine), der / sub / "anat" / f"{sub}_dseg.nii.gz")
+        rows.append(f"{sub}\t{'yes' if has else 'no'}")
+    write_text_atomic(pop / "participants.tsv", "\n".join(rows) + "\n")
+    write_text_atomic(
+        pop / "participants.json",
+        '{"lesion": {"Description": "SIMULATED lesion present (medgen.demo_data.lesion_population): not a diagnosis", '
+        '"Levels": {"yes": "a simulated bright white-matter lesion was added", "no": "none added"}}}\n',
+    )
     items.append(
         SampleItem(
             "nifti/population",
-            f"generated: {POPULATION_SIZE} random affine + bias field + gamma variants of the MNI152 T1 template at 2 mm (seed 0)",
+            f"generated: {POPULATION_SIZE} random affine + bias field + gamma variants of the MNI152 T1 template at 2 mm (seed 0); "
+            "every other one with a SIMULATED bright white-matter lesion; tissue labels (grey/white matter from the MNI152 "
+            "probability maps, lesion) in derivatives/tissue/*_dseg.nii.gz; participants.tsv says which have the lesion",
             "BSD-3 (nilearn); MNI ICBM152 template terms",
-            "accepted: one BIDS-style subject each (the training population of the demo; variants of one brain, not independent subjects)",
+            "accepted: one BIDS-style subject each with its dseg paired (labels.csv) (the training population of the demo; "
+            "variants of one brain with simulated lesions, not independent subjects or real pathology)",
         )
     )
     _write_items(out, items)

@@ -165,6 +165,9 @@ def _mid_slices(v: np.ndarray) -> list[np.ndarray]:
     return [np.rot90(v[:, :, z]), np.rot90(v[:, y, :]), np.rot90(v[x, :, :])]
 
 
+PLANES = ("axial", "coronal", "sagittal")  # _mid_slices' order (RAS model space)
+
+
 def montage(
     path: Path,
     names: list[str],
@@ -172,26 +175,51 @@ def montage(
     neighbours: list[np.ndarray | None],
     passed: list[bool],
     max_rows: int = 8,
+    *,
+    nearest: list[tuple[str | None, float | None]] | None = None,
+    labels: list[np.ndarray | None] | None = None,
 ) -> None:
+    """Mid-slices (axial, coronal, sagittal) of each sample beside its nearest training volume,
+    on one grey scale (model units, bar at the right); `nearest`: that volume's scan id and NCC;
+    `labels`: the map a sample was asked to follow, drawn as outlines over it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = min(len(names), max_rows)
-    fig, axes = plt.subplots(max(rows, 1), 6, figsize=(12, 2.1 * max(rows, 1)), squeeze=False)
+    fig, axes = plt.subplots(max(rows, 1), 6, figsize=(12.6, 2.2 * max(rows, 1)), squeeze=False)
+    shown = None
     for r in range(rows):
         pics = _mid_slices(np.nan_to_num(volumes[r])) + (
             _mid_slices(neighbours[r]) if neighbours[r] is not None else [None] * 3
         )
+        outlines = _mid_slices(labels[r]) if labels is not None and labels[r] is not None else [None] * 3
         for c, img in enumerate(pics):
             ax = axes[r][c]
-            ax.axis("off")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
             if img is not None:
-                ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-        axes[r][0].set_title(f"{names[r]} ({'pass' if passed[r] else 'FAIL'})", fontsize=8, loc="left")
-        axes[r][3].set_title("nearest training volume", fontsize=8, loc="left")
-    fig.tight_layout()
+                shown = ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+                if c < 3 and outlines[c] is not None and outlines[c].any():
+                    values = sorted(int(v) for v in np.unique(outlines[c]) if v > 0)
+                    for k, v in enumerate(values):
+                        ax.contour(outlines[c] == v, levels=[0.5], linewidths=0.6, colors=[f"C{k % 10}"])
+            if r == 0:
+                ax.set_xlabel(PLANES[c % 3], fontsize=7)
+                ax.xaxis.set_label_position("top")
+        axes[r][0].set_ylabel(f"{names[r]}\n{'pass' if passed[r] else 'FAIL'}", fontsize=8)
+        near_id, ncc = nearest[r] if nearest is not None else (None, None)
+        title = "nearest training volume" + (f": {near_id}" if near_id else "")
+        axes[r][3].set_title(title + (f", NCC {ncc:.3f}" if ncc is not None else ""), fontsize=7, loc="left")
+        if labels is not None and labels[r] is not None:
+            axes[r][0].set_title("outlines: the label map it followed", fontsize=7, loc="left")
+    if shown is not None:
+        bar = fig.colorbar(shown, ax=axes[:, -1].tolist(), fraction=0.04, pad=0.02)
+        bar.set_label("intensity (model units)", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
@@ -220,7 +248,12 @@ def histograms(path: Path, names: list[str], volumes: np.ndarray, train: np.ndar
 
 
 def write_report_files(
-    out: Path, record: "SynthesisRecord", result: "BatchResult", volumes: np.ndarray, ref: "Reference"
+    out: Path,
+    record: "SynthesisRecord",
+    result: "BatchResult",
+    volumes: np.ndarray,
+    ref: "Reference",
+    labels: list[np.ndarray | None] | None = None,
 ) -> Path:
     """Write the pictures, the Markdown, then the JSON last (its presence means the set is complete)."""
     import jsonschema
@@ -233,7 +266,10 @@ def write_report_files(
     index = {n: i for i, n in enumerate(ref.train_ids)}
     neighbours = [ref.train[index[v.nearest_train]] if v.nearest_train in index else None for v in result.volumes]
     names = [v.name for v in result.volumes]
-    montage(out / MONTAGE, names, volumes, neighbours, [v.passed for v in result.volumes])
+    nearest = [(v.nearest_train, v.checks.get("nearest_ncc")) for v in result.volumes]
+    montage(
+        out / MONTAGE, names, volumes, neighbours, [v.passed for v in result.volumes], nearest=nearest, labels=labels
+    )
     histograms(out / HISTOGRAMS, names, volumes, ref.train)
     write_text_atomic(out / MARKDOWN, markdown(report))
     return write_text_atomic(out / JSON_REPORT, json.dumps(report, indent=1, allow_nan=False))

@@ -141,7 +141,10 @@ def validate_run(
             result.passed = False
             result.reasons = [*result.reasons, *failed]
     out = run / QUALITY_DIR
-    report_path = write_report_files(out, record, result, volumes, ref)
+    labels = None
+    if any(v.label_file for v in record.volumes):
+        labels = [np.asarray(nib.load(run / v.label_file).dataobj) if v.label_file else None for v in record.volumes]
+    report_path = write_report_files(out, record, result, volumes, ref, labels)
     return Validation(run=run, record=record, result=result, report_path=report_path)
 
 

@@ -67,7 +67,7 @@ def generate_volumes(
     decode_roi: tuple[int, int, int] | None = None,
     condition: dict[str, str | float] | None = None,
     guidance: float = 1.0,
-    labels: str | Path | None = None,
+    labels: str | Path | list | None = None,
     controlnet: str | Path | None = None,
 ) -> list[SynthVolume]:
     """Generate samples `indices` of `seed` into OUT/volumes/ (each file atomically).
@@ -91,7 +91,8 @@ def generate_volumes(
 
             raise ConditionError("a label map and a ControlNet go together: give both, or neither")
         cn = load_controlnet(controlnet, gen, device=dev)
-        label_map = model_labels(labels, gen.data_cfg)
+        maps = [model_labels(f, gen.data_cfg) for f in label_files(labels)]
+        label_map = [maps[i % len(maps)] for i in indices]  # sample i follows map i mod k, in any chunk
     vols = generate(
         gen,
         len(indices),
@@ -108,7 +109,7 @@ def generate_volumes(
         controlnet=cn,
     )
     entries = []
-    for i, vol in zip(indices, vols):
+    for n, (i, vol) in enumerate(zip(indices, vols)):
         name = f"synthetic_{i:04d}"
         path = write_nifti(vol, Path(out) / "volumes" / f"{name}.nii.gz")
         entry = SynthVolume(name=name, file=str(path.relative_to(out)), index=i, sha256=sha256_file(path))
@@ -116,11 +117,25 @@ def generate_volumes(
             from medgen.io.labels import LabelMap, write_label_nifti
 
             lab = write_label_nifti(
-                LabelMap(label_map, vol.affine, cn.table), Path(out) / "labels" / f"{name}_dseg.nii.gz"
+                LabelMap(label_map[n], vol.affine, cn.table), Path(out) / "labels" / f"{name}_dseg.nii.gz"
             )
             entry.label_file, entry.label_sha256 = str(lab.relative_to(out)), sha256_file(lab)
         entries.append(entry)
     return entries
+
+
+def label_files(labels: str | Path | list) -> list[Path]:
+    """The label maps a run follows: one file, a list of files, or a folder (its *_dseg.nii.gz and
+    *_dseg.nii, sorted)."""
+    items = [Path(x) for x in labels] if isinstance(labels, (list, tuple)) else [Path(labels)]
+    out: list[Path] = []
+    for p in items:
+        out += sorted([*p.rglob("*_dseg.nii.gz"), *p.rglob("*_dseg.nii")]) if p.is_dir() else [p]
+    if not out:
+        from medgen.io.labels import LabelError
+
+        raise LabelError(str(labels), "no label map found (a file, a list of files, or a folder of *_dseg.nii.gz)")
+    return out
 
 
 def model_labels(labels: str | Path, data_cfg) -> np.ndarray:
@@ -219,7 +234,7 @@ def synthesize(
     decode_roi: tuple[int, int, int] | None = None,
     condition: dict[str, Any] | None = None,
     guidance: float = 1.0,
-    labels: str | Path | None = None,
+    labels: str | Path | list | None = None,
     controlnet: str | Path | None = None,
 ) -> SynthesisRecord:
     """Generate `n` volumes into the run folder `out` and write its record (synthesis.json), the

@@ -81,7 +81,7 @@ def training_conditions(
     dcfg = cfg.diffusion
     assert dcfg is not None and dcfg.conditioning is not None and cfg.covariates is not None
     space = ConditionSpace.from_config(cfg.covariates, dcfg.conditioning.columns)
-    table = load_covariates(cfg.covariates, manifest)
+    table = load_covariates(cfg.covariates, manifest, salt=cfg.ingest.salt if cfg.ingest else None)
     keep = [i for i, sid in enumerate(scan_ids) if sid not in table.dropped]
     vectors = torch.stack([space.encode(table.values.get(scan_ids[i])) for i in keep])
     summary: dict[str, Any] = {
