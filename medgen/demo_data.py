@@ -196,8 +196,8 @@ def lesion_population(
 ) -> tuple[list[Volume], list[np.ndarray], list[bool]]:
     """The template population with what conditioned generation and ControlNet need: tissue
     labels (grey / white matter from nilearn's MNI152 probability maps, warped with each subject)
-    and, in every other subject, a SIMULATED lesion: a bright ellipsoid (x1.8 signal, 12-18 mm
-    radii) placed in white matter, labelled 3. The images and maps are the template population's
+    and, in every other subject, a SIMULATED lesion: a dark ellipsoid (a quarter of the white
+    matter signal, 15-22 mm radii) centred in white matter, labelled 3. The images and maps are the template population's
     exactly, plus the lesion: the lesion flag really changes the image, the maps really match it.
     Nothing here is a patient's lesion; it is disclosed as simulated wherever it is written."""
     import nibabel as nib
@@ -217,11 +217,13 @@ def lesion_population(
         if has:
             white = np.argwhere(labels == 2)
             centre = white[rng.integers(len(white))]
-            radii = rng.uniform(12, 18, 3) / spacing
+            radii = rng.uniform(15, 22, 3) / spacing
             grid = np.stack(np.meshgrid(*[np.arange(s) for s in vol.shape], indexing="ij")).astype(np.float32)
             inside = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) <= 1
             inside &= labels > 0  # inside the brain
-            data_i[inside] = np.percentile(data_i[labels == 2], 50) * 1.8
+            # dark (a T1 "black hole"): a bright one saturates at the percentile scaling's top, a
+            # shade above white matter, and no 6 mm model could tell it apart
+            data_i[inside] = np.percentile(data_i[labels == 2], 50) * 0.25
             labels[inside] = 3
         out_v.append(vol.replace(data=data_i.astype(np.float32)))
         out_l.append(labels)
@@ -384,13 +386,13 @@ def build_sample_data(out: str | Path, *, force: bool = False) -> list[SampleIte
     write_text_atomic(
         pop / "participants.json",
         '{"lesion": {"Description": "SIMULATED lesion present (medgen.demo_data.lesion_population): not a diagnosis", '
-        '"Levels": {"yes": "a simulated bright white-matter lesion was added", "no": "none added"}}}\n',
+        '"Levels": {"yes": "a simulated dark white-matter lesion was added", "no": "none added"}}}\n',
     )
     items.append(
         SampleItem(
             "nifti/population",
             f"generated: {POPULATION_SIZE} random affine + bias field + gamma variants of the MNI152 T1 template at 2 mm (seed 0); "
-            "every other one with a SIMULATED bright white-matter lesion; tissue labels (grey/white matter from the MNI152 "
+            "every other one with a SIMULATED dark white-matter lesion; tissue labels (grey/white matter from the MNI152 "
             "probability maps, lesion) in derivatives/tissue/*_dseg.nii.gz; participants.tsv says which have the lesion",
             "BSD-3 (nilearn); MNI ICBM152 template terms",
             "accepted: one BIDS-style subject each with its dseg paired (labels.csv) (the training population of the demo; "

@@ -34,6 +34,7 @@ TRAINING = (
     "medgen.training",
     "medgen.synthesis.train_autoencoder",
     "medgen.synthesis.train_diffusion",
+    "medgen.synthesis.train_controlnet",
     "medgen.denoising.train",
 )
 # which stage may import which (besides itself and the shared layers)

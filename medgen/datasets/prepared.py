@@ -119,7 +119,7 @@ def prepare_labels(items: list[dict], manifest: str | Path, cfg: DataConfig) -> 
     import torch
 
     from medgen.datasets.preprocess import label_transforms
-    from medgen.ingestion.labels import read_label_rows
+    from medgen.io.labels import read_label_rows
 
     rows = read_label_rows(Path(manifest).parent)
     chain = label_transforms(cfg)

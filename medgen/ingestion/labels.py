@@ -25,6 +25,8 @@ from pathlib import Path
 from medgen.errors import InputError
 from medgen.io.atomic import write_text_atomic
 from medgen.io.labels import (
+    LABELS_CSV,
+    LABELS_DIR,
     LabelError,
     bids_entities,
     on_grid,
@@ -34,8 +36,6 @@ from medgen.io.labels import (
     write_label_nifti,
 )
 
-LABELS_CSV = "labels.csv"
-LABELS_DIR = "labels"
 COLUMNS = ["label_source", "status", "reason", "scan_id", "label_path", "labels", "notes"]
 DERIVATIVE_ENTITIES = {"space", "desc", "label", "res", "den", "seg"}
 
@@ -115,12 +115,3 @@ def pair_labels(
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
     return out
-
-
-def read_label_rows(out_dir: str | Path) -> dict[str, dict[str, str]]:
-    """scan_id -> its accepted labels.csv row ({} when the ingest found no label maps)."""
-    path = Path(out_dir) / LABELS_CSV
-    if not path.exists():
-        return {}
-    rows = csv.DictReader(path.read_text(encoding="utf-8").splitlines())
-    return {r["scan_id"]: r for r in rows if r["status"] == "accepted"}

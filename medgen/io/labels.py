@@ -20,6 +20,8 @@ import numpy as np
 from medgen.errors import InputError
 from medgen.io.atomic import atomic_path
 
+LABELS_CSV = "labels.csv"  # ingest's record of label maps (medgen.ingestion.labels writes it)
+LABELS_DIR = "labels"
 MAX_LABEL = 65535  # stored as uint16
 MAX_LABELS = 1000  # distinct labels in one map: more is a continuous image, not a segmentation
 LABEL_SUFFIXES = ("dseg", "mask")  # BIDS: discrete segmentation, binary mask
@@ -216,3 +218,12 @@ def write_label_nifti(labels: LabelMap, path: str | Path) -> Path:
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
     return Path(path)
+
+
+def read_label_rows(out_dir: str | Path) -> dict[str, dict[str, str]]:
+    """scan_id -> its accepted labels.csv row ({} when the ingest found no label maps)."""
+    path = Path(out_dir) / LABELS_CSV
+    if not path.exists():
+        return {}
+    rows = csv.DictReader(path.read_text(encoding="utf-8").splitlines())
+    return {r["scan_id"]: r for r in rows if r["status"] == "accepted"}

@@ -59,7 +59,7 @@ def train_segmenter(pairs: Pairs, values: list[int], cfg: UtilityConfig) -> torc
     torch.manual_seed(cfg.seed)
     net = _segmenter(len(values) + 1, cfg)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
     x_all = torch.from_numpy(pairs.images[:, None].astype(np.float32))
     y_all = _classes(pairs.labels, values)[:, None]
     net.train()

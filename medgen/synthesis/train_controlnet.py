@@ -34,7 +34,7 @@ CONTROLNET_DIR = "controlnet"
 def label_table(manifest: str | Path, scan_ids: list[str]) -> dict[int, str]:
     """value -> name over the training scans' label maps (labels.csv); a value named differently
     in two maps keeps the first name, the others are not guessed at."""
-    from medgen.ingestion.labels import read_label_rows
+    from medgen.io.labels import read_label_rows
 
     rows = read_label_rows(Path(manifest).parent)
     table: dict[int, str] = {}
