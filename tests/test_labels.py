@@ -169,3 +169,23 @@ def test_dicom_seg_pairs_with_the_series_it_references(tmp_path):
     expected = np.round((v.get_fdata() - 50) / 100)
     renumber = {0: 0, 1: 1, 2: 2, 5: 3}
     np.testing.assert_array_equal(got, np.vectorize(renumber.get)(expected))
+
+
+def test_reingest_removes_only_label_maps_it_wrote_and_no_longer_pairs(tmp_path):
+    lab = label_volume((16, 16, 8))
+    src = tmp_path / "src"
+    for sub in ("sub-01", "sub-02"):
+        (src / sub).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(image_from(lab), np.eye(4)), src / sub / f"{sub}_T1w.nii.gz")
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), src / sub / f"{sub}_dseg.nii.gz")
+    out = tmp_path / "out"
+    ingest(src, out)
+    paired = {r["label_source"].split("/")[-1]: r["label_path"] for r in read_labels_csv(out)}
+    assert all((out / p).exists() for p in paired.values())
+    foreign = out / "labels" / "my_notes_dseg.nii.gz"  # the user's own file in ingest's folder
+    foreign.write_bytes(b"not ingest's")
+    (src / "sub-02" / "sub-02_dseg.nii.gz").unlink()
+    ingest(src, out)
+    assert not (out / paired["sub-02_dseg.nii.gz"]).exists()  # its map is gone: ingest's copy goes too
+    assert (out / paired["sub-01_dseg.nii.gz"]).exists()
+    assert foreign.read_bytes() == b"not ingest's"

@@ -18,6 +18,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from medgen.io.labels import (
     LabelError,
     bids_entities,
     on_grid,
+    read_label_rows,
     read_nifti_labels,
     read_seg_labels,
     referenced_series,
@@ -37,6 +39,7 @@ from medgen.io.labels import (
 )
 
 COLUMNS = ["label_source", "status", "reason", "scan_id", "label_path", "labels", "notes"]
+OWN_LABEL_PATH = re.compile(LABELS_DIR + r"/scan-[0-9a-f]{16}(-t[0-9]{4})?_dseg\.nii\.gz")  # what ingest writes
 DERIVATIVE_ENTITIES = {"space", "desc", "label", "res", "den", "seg"}
 
 
@@ -102,16 +105,18 @@ def pair_labels(
         except Exception as e:  # one hostile file is its own row, never the end of the ingest
             row |= {"status": "rejected", "reason": f"internal error reading the label map: {type(e).__name__}: {e}"}
         out.append(row)
+    previous = {r["label_path"] for r in read_label_rows(out_dir).values()}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
     w.writerows(out)
     if out or (out_dir / LABELS_CSV).exists():
         write_text_atomic(out_dir / LABELS_CSV, buf.getvalue())
+    # Maps the previous labels.csv named that this one does not (their scan gone or refused) are
+    # removed; only those, as ingest does with volumes: never whatever else lies in labels/.
     keep = {r["label_path"] for r in out if r["label_path"]}
-    folder = out_dir / LABELS_DIR
-    for f in folder.glob("*_dseg.nii.gz") if folder.is_dir() else []:
-        if f"{LABELS_DIR}/{f.name}" not in keep:  # a map no longer paired (its scan gone or refused)
+    for rel in previous - keep:
+        if OWN_LABEL_PATH.fullmatch(rel):
             with contextlib.suppress(FileNotFoundError):
-                f.unlink()
+                (out_dir / rel).unlink()
     return out
