@@ -33,6 +33,24 @@ def build_discriminator(cfg: AutoencoderConfig) -> nn.Module:
     )
 
 
+def _unet_shape(cfg: DiffusionNetworkConfig | ScoreNetworkConfig, in_channels: int, context_dim: int | None) -> dict:
+    """The arguments a DiffusionModelUNet and its ControlNet share: one place, so a ControlNet is
+    always shaped like the UNet whose encoder weights are copied into it."""
+    return dict(
+        spatial_dims=3,
+        in_channels=in_channels,
+        channels=cfg.channels,
+        attention_levels=cfg.attention_levels,
+        num_res_blocks=cfg.num_res_blocks,
+        num_head_channels=cfg.num_head_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        with_conditioning=context_dim is not None,
+        cross_attention_dim=context_dim,
+        # memory-efficient attention (torch SDPA) where it matters; weights are the same either way
+        use_flash_attention=torch.cuda.is_available(),
+    )
+
+
 def build_unet(
     cfg: DiffusionNetworkConfig | ScoreNetworkConfig, in_channels: int, context_dim: int | None = None
 ) -> nn.Module:
@@ -41,20 +59,7 @@ def build_unet(
     which its attention levels cross-attend to."""
     from monai.networks.nets import DiffusionModelUNet
 
-    return DiffusionModelUNet(
-        with_conditioning=context_dim is not None,
-        cross_attention_dim=context_dim,
-        spatial_dims=3,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        channels=cfg.channels,
-        attention_levels=cfg.attention_levels,
-        num_res_blocks=cfg.num_res_blocks,
-        num_head_channels=cfg.num_head_channels,
-        norm_num_groups=cfg.norm_num_groups,
-        # memory-efficient attention (torch SDPA) where it matters; weights are the same either way
-        use_flash_attention=torch.cuda.is_available(),
-    )
+    return DiffusionModelUNet(out_channels=in_channels, **_unet_shape(cfg, in_channels, context_dim))
 
 
 def build_controlnet(
@@ -69,18 +74,9 @@ def build_controlnet(
     from monai.networks.nets import ControlNet
 
     return ControlNet(
-        spatial_dims=3,
-        in_channels=in_channels,
-        channels=cfg.channels,
-        attention_levels=cfg.attention_levels,
-        num_res_blocks=cfg.num_res_blocks,
-        num_head_channels=cfg.num_head_channels,
-        norm_num_groups=cfg.norm_num_groups,
-        with_conditioning=context_dim is not None,
-        cross_attention_dim=context_dim,
         conditioning_embedding_in_channels=label_channels,
         conditioning_embedding_num_channels=embedding,
-        use_flash_attention=torch.cuda.is_available(),
+        **_unet_shape(cfg, in_channels, context_dim),
     )
 
 

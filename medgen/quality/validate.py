@@ -132,8 +132,12 @@ def validate_run(
         "gate": quality.gate.model_dump(mode="json"),
         "volume_sha256": {v.name: v.sha256 for v in record.volumes},
     }
+    # the maps the samples followed (ControlNet runs): read once, for the utility check and the montage
+    labels = None
+    if any(v.label_file for v in record.volumes):
+        labels = [np.asarray(nib.load(run / v.label_file).dataobj) if v.label_file else None for v in record.volumes]
     if quality.utility is not None:
-        u = utility_section(run, record, meta, manifest, train_items, held_items, train, held, volumes, quality)
+        u = utility_section(record, meta, manifest, train_items, held_items, train, held, volumes, labels, quality)
         if u.get("segmentation") or u.get("conditions") or u["skipped"]:  # a plain run: nothing to say
             result.extra["utility"] = u
         failed = utility_failures(u, quality.utility)
@@ -141,15 +145,11 @@ def validate_run(
             result.passed = False
             result.reasons = [*result.reasons, *failed]
     out = run / QUALITY_DIR
-    labels = None
-    if any(v.label_file for v in record.volumes):
-        labels = [np.asarray(nib.load(run / v.label_file).dataobj) if v.label_file else None for v in record.volumes]
     report_path = write_report_files(out, record, result, volumes, ref, labels)
     return Validation(run=run, record=record, result=result, report_path=report_path)
 
 
 def utility_section(
-    run: Path,
     record: SynthesisRecord,
     meta: dict,
     manifest: Path,
@@ -158,6 +158,7 @@ def utility_section(
     train: np.ndarray,
     held: np.ndarray,
     volumes: np.ndarray,
+    labels: list[np.ndarray | None] | None,
     quality: QualityConfig,
 ) -> dict:
     """What medgen.quality.utility can measure for this run: segmentation utility and mask
@@ -166,8 +167,6 @@ def utility_section(
     covariates are known (RUN/covariates.csv, written when the conditioned model was trained)."""
     import csv
 
-    import nibabel as nib
-
     from medgen.datasets.prepared import prepare_labels
     from medgen.quality.utility import Pairs, condition_fidelity, segmentation_utility
 
@@ -175,11 +174,11 @@ def utility_section(
     assert cfg is not None
     data_cfg = DataConfig.model_validate(meta["preprocessing"]["data"])
     u: dict = {"skipped": []}
-    if all(v.label_file for v in record.volumes):
+    if labels is not None and all(m is not None for m in labels):
         tr_lab, tr_keep = prepare_labels(train_items, manifest, data_cfg)
         he_lab, he_keep = prepare_labels(held_items, manifest, data_cfg)
         if tr_keep and he_keep:
-            synth_lab = np.stack([np.asarray(nib.load(run / str(v.label_file)).dataobj) for v in record.volumes])
+            synth_lab = np.stack(labels)  # type: ignore[arg-type]
             values = sorted(int(x) for x in set(np.unique(tr_lab.numpy())) | set(np.unique(synth_lab)) if x > 0)
             u["segmentation"] = segmentation_utility(
                 Pairs(train[tr_keep], tr_lab[:, 0].numpy()),
