@@ -32,6 +32,24 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def with_steps(cfg, ae: int, diffusion: int, controlnet: int):
+    """The same config with other training step counts (a fixed count each, never a time budget)."""
+
+    def steps(section, n: int):
+        every = min(section.train.checkpoint_every, n)
+        return section.model_copy(
+            update={"train": section.train.model_copy(update={"steps": n, "checkpoint_every": every})}
+        )
+
+    return cfg.model_copy(
+        update={
+            "autoencoder": steps(cfg.autoencoder, ae),
+            "diffusion": steps(cfg.diffusion, diffusion),
+            "controlnet": steps(cfg.controlnet, controlnet),
+        }
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
@@ -39,6 +57,15 @@ def main() -> None:
     ap.add_argument("--per-map", type=int, default=2, help="samples per training tissue map")
     ap.add_argument("--per-level", type=int, default=8, help="samples per lesion level (conditioning check)")
     ap.add_argument("--steps", type=int, default=None, help="utility network steps (default: the config's)")
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        nargs=3,
+        metavar=("AE", "DIFFUSION", "CONTROLNET"),
+        default=None,
+        help="train the demo architecture for these step counts into its own run folder "
+        "(default demo_run/utility_ldm-AE-DIFFUSION-CONTROLNET) instead of using the demo's run",
+    )
     args = ap.parse_args()
 
     import torch
@@ -57,7 +84,12 @@ def main() -> None:
     t0 = time.perf_counter()
     cfg = load_config(args.config)
     assert cfg.ingest and cfg.data and cfg.covariates and cfg.sample_data
-    run = args.run or cfg.orchestration.run_dir / "ldm"
+    if args.train_steps:
+        cfg = with_steps(cfg, *args.train_steps)
+        tag = "-".join(str(n) for n in args.train_steps)
+        run = args.run or cfg.orchestration.run_dir / f"utility_ldm-{tag}"
+    else:
+        run = args.run or cfg.orchestration.run_dir / "ldm"
     build_sample_data(cfg.sample_data)
     report = ingest(
         cfg.ingest.sources, cfg.ingest.out, options=IngestOptions.from_config(cfg.ingest), salt=cfg.ingest.salt

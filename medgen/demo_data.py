@@ -197,7 +197,7 @@ def lesion_population(
     """The template population with what conditioned generation and ControlNet need: tissue
     labels (grey / white matter from nilearn's MNI152 probability maps, warped with each subject)
     and, in every other subject, a SIMULATED lesion: a dark ellipsoid (a quarter of the white
-    matter signal, 15-22 mm radii) centred in white matter, labelled 3. The images and maps are the template population's
+    matter signal, 24-32 mm radii) centred in white matter, labelled 3. The images and maps are the template population's
     exactly, plus the lesion: the lesion flag really changes the image, the maps really match it.
     Nothing here is a patient's lesion; it is disclosed as simulated wherever it is written."""
     import nibabel as nib
@@ -217,7 +217,7 @@ def lesion_population(
         if has:
             white = np.argwhere(labels == 2)
             centre = white[rng.integers(len(white))]
-            radii = rng.uniform(15, 22, 3) / spacing
+            radii = rng.uniform(24, 32, 3) / spacing
             grid = np.stack(np.meshgrid(*[np.arange(s) for s in vol.shape], indexing="ij")).astype(np.float32)
             inside = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) <= 1
             inside &= labels > 0  # inside the brain

@@ -147,7 +147,8 @@ def test_a_map_outside_its_scans_field_of_view_is_refused():
         on_grid(LabelMap(np.ones((4, 4, 4), np.uint8), far, {1: "x"}), np.eye(4), (8, 8, 8), "x_dseg.nii.gz")
 
 
-def test_dicom_seg_pairs_with_the_series_it_references(tmp_path):
+@pytest.mark.parametrize("kind", ["binary", "labelmap"])
+def test_dicom_seg_pairs_with_the_series_it_references(tmp_path, kind):
     import highdicom  # noqa: F401  (the reader ingest uses)
 
     from medgen.io.dicom.seg import write_seg
@@ -157,7 +158,9 @@ def test_dicom_seg_pairs_with_the_series_it_references(tmp_path):
     vol = make_volume((20, 18, 8), modality="MR", affine=oblique_affine())
     vol.data[:] = image_from(lab)
     files = write_series(vol, tmp_path / "src" / "series", uid_seed="seg-test")
-    write_seg(lab, {1: "grey", 2: "white", 5: "lesion"}, files, tmp_path / "src" / "seg" / "seg.dcm")
+    write_seg(
+        lab, {1: "grey", 2: "white", 5: "lesion"}, files, tmp_path / "src" / "seg" / "seg.dcm", segmentation_type=kind
+    )
     report = ingest(tmp_path / "src", tmp_path / "out")
     assert len(report.accepted) == 1 and not report.rejected  # the SEG is not a rejected scan row
     (r,) = read_labels_csv(tmp_path / "out")
@@ -169,6 +172,45 @@ def test_dicom_seg_pairs_with_the_series_it_references(tmp_path):
     expected = np.round((v.get_fdata() - 50) / 100)
     renumber = {0: 0, 1: 1, 2: 2, 5: 3}
     np.testing.assert_array_equal(got, np.vectorize(renumber.get)(expected))
+
+
+@pytest.mark.parametrize("drop_frames", [False, True])
+def test_a_seg_without_referenced_series_pairs_by_its_frames_source_images(tmp_path, drop_frames):
+    """ReferencedSeriesSequence is type 1C and some writers leave it out; the per-frame
+    DerivationImageSequence still names the source images. With neither, nothing is guessed."""
+    import pydicom
+
+    from medgen.io.dicom.seg import write_seg
+    from medgen.io.dicom.write import write_series
+
+    lab = label_volume((20, 18, 8), seed=4).astype(np.uint8)
+    vol = make_volume((20, 18, 8), modality="MR", affine=oblique_affine())
+    vol.data[:] = image_from(lab)
+    files = write_series(vol, tmp_path / "src" / "series", uid_seed="seg-norefs")
+    seg_path = tmp_path / "src" / "seg" / "seg.dcm"
+    write_seg(lab, {1: "grey", 2: "white", 5: "lesion"}, files, seg_path)
+    ds = pydicom.dcmread(seg_path)
+    del ds.ReferencedSeriesSequence
+    if drop_frames:
+        for g in ds.PerFrameFunctionalGroupsSequence:
+            if "DerivationImageSequence" in g:
+                del g.DerivationImageSequence
+        if "SourceImageSequence" in ds:
+            del ds.SourceImageSequence
+    ds.save_as(seg_path)
+    report = ingest(tmp_path / "src", tmp_path / "out")
+    assert len(report.accepted) == 1
+    (r,) = read_labels_csv(tmp_path / "out")
+    if drop_frames:
+        assert r["status"] == "rejected" and "no accepted scan to pair with" in r["reason"], r
+        return
+    assert r["status"] == "accepted", r
+    assert r["scan_id"] == report.accepted[0]["scan_id"]
+    assert "paired by its frames' source images" in r["notes"]
+    v = nib.load(tmp_path / "out" / report.accepted[0]["output_path"])
+    got = np.asanyarray(nib.load(tmp_path / "out" / r["label_path"]).dataobj)
+    renumber = {0: 0, 1: 1, 2: 2, 5: 3}
+    np.testing.assert_array_equal(got, np.vectorize(renumber.get)(np.round((v.get_fdata() - 50) / 100)))
 
 
 def test_reingest_removes_only_label_maps_it_wrote_and_no_longer_pairs(tmp_path):

@@ -5,7 +5,8 @@ trained on as an image would poison a model). It is paired with one accepted sca
     BIDS dseg/mask  the NIfTI scan whose entities (sub, ses, acq, run, ...) equal the map's, less
                     the derivative-only ones (space, desc, label, res, den); a map that matches
                     several scans or none is reported, not guessed
-    DICOM SEG       the DICOM series named by its ReferencedSeriesSequence
+    DICOM SEG       the DICOM series named by its ReferencedSeriesSequence or, when a writer
+                    left that out, the one series holding its frames' source images
 then checked (integers, a bounded number of labels) and put on exactly that scan's grid
 (medgen.io.labels.on_grid). labels.csv (data_schemas/labels.schema.json) has one row per label
 map, paired or refused with the reason; nothing in it identifies a subject (scan ids are salted,
@@ -63,10 +64,12 @@ def pair_labels(
     sources: list[LabelSource],
     series_scans: dict[str, str],
     uid_key: Callable[[str], str] = lambda uid: uid,
+    instance_scans: dict[str, str] | None = None,
 ) -> list[dict[str, str]]:
     """Write each pairable map onto its scan's grid and OUT/labels.csv; returns the csv rows.
-    `series_scans`: SeriesInstanceUID -> scan_id of the DICOM series in this ingest, the UIDs as
-    the file index keeps them (`uid_key` turns a clear UID into that form)."""
+    `series_scans` / `instance_scans`: SeriesInstanceUID / SOPInstanceUID -> scan_id of the DICOM
+    series in this ingest, the UIDs as the file index keeps them (`uid_key` turns a clear UID into
+    that form)."""
     import nibabel as nib
 
     accepted = {r["scan_id"]: r for r in rows if r["status"] == "accepted"}
@@ -75,12 +78,18 @@ def pair_labels(
     taken: dict[str, str] = {}
     for src in sorted(sources, key=lambda s: s.path):
         row = dict.fromkeys(COLUMNS, "") | {"label_source": src.path}
+        by_frames = False
         try:
             if src.kind == "nifti":
                 ids = _match_nifti(src.path, nifti_scans)
             else:
-                refs = [uid_key(u) for u in referenced_series(src.path)]
-                ids = [series_scans[u] for u in refs if u in series_scans]
+                refs = referenced_series(src.path)
+                ids = [series_scans[k] for k in map(uid_key, refs.series) if k in series_scans]
+                if not refs.series:  # pair by the source images its frames name
+                    known = instance_scans or {}
+                    ids = [known[k] for k in map(uid_key, refs.instances) if k in known]
+                    if ids:
+                        by_frames = True
                 ids = [i for i in ids if i in accepted]
             if not ids:
                 raise LabelError(
@@ -99,7 +108,10 @@ def pair_labels(
             taken[sid] = src.path
             table = {str(k): v for k, v in sorted(placed.table.items())}
             row |= {"status": "accepted", "scan_id": sid, "label_path": rel, "labels": json.dumps(table)}
-            row["notes"] = "; ".join(placed.notes)
+            notes = list(placed.notes)
+            if by_frames:
+                notes.insert(0, "no ReferencedSeriesSequence: paired by its frames' source images")
+            row["notes"] = "; ".join(notes)
         except InputError as e:
             row |= {"status": "rejected", "reason": e.reason}
         except Exception as e:  # one hostile file is its own row, never the end of the ingest

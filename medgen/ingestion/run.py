@@ -415,6 +415,7 @@ class IngestPlan:
     existing: list[dict[str, str]] = dataclasses.field(default_factory=list)  # the manifest found on disk
     labels: list[LabelSource] = dataclasses.field(default_factory=list)  # label maps to pair (medgen.ingestion.labels)
     series_scans: dict[str, str] = dataclasses.field(default_factory=dict)  # SeriesInstanceUID -> scan_id
+    instance_scans: dict[str, str] = dataclasses.field(default_factory=dict)  # SOPInstanceUID -> scan_id
 
 
 @contextlib.contextmanager
@@ -467,10 +468,13 @@ def plan_ingest(
     reused: list[dict[str, str]] = []
     todo: list[tuple[Unit, str]] = []
     series_scans: dict[str, str] = {}
+    instance_scans: dict[str, str] = {}
     for u in units:
         scan_id = "scan-" + _digest(key, u.key)
         if u.series is not None and u.series.series_uid:
             series_scans[u.series.series_uid] = scan_id
+        if u.series is not None:
+            instance_scans.update({h.sop_instance: scan_id for h in u.series.headers if h.sop_instance})
         prev = previous.get(scan_id)
         if (
             prev
@@ -499,6 +503,7 @@ def plan_ingest(
         existing,
         labels,
         series_scans,
+        instance_scans,
     )
 
 
@@ -581,7 +586,9 @@ def finish_ingest(plan: IngestPlan, converted_rows: list[dict[str, str]]) -> Ing
     for r in plan.existing:
         if r["output_path"] and r["output_path"] not in keep:
             _remove_volume(out_dir, r["output_path"])
-    paired = pair_labels(out_dir, rows, plan.labels, plan.series_scans, lambda uid: keyed_uid(plan.key, uid))
+    paired = pair_labels(
+        out_dir, rows, plan.labels, plan.series_scans, lambda uid: keyed_uid(plan.key, uid), plan.instance_scans
+    )
     return IngestReport(
         out_dir=out_dir,
         manifest_path=plan.manifest_path,

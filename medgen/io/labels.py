@@ -155,22 +155,41 @@ def read_seg_labels(path: str | Path) -> LabelMap:
         vol = seg.get_volume(combine_segments=True, relabel=False)
     except Exception as e:
         raise LabelError(path, f"DICOM SEG unreadable as one label volume ({type(e).__name__}: {e})") from e
-    table = {int(s.segment_number): str(s.segment_label) for s in seg.SegmentSequence}
+    # a LABELMAP SEG lists its background as segment 0: value 0 is background here anyway
+    table = {int(s.segment_number): str(s.segment_label) for s in seg.SegmentSequence if int(s.segment_number) > 0}
     data = checked_labels(np.asarray(vol.array), path)
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(vol.affine, dtype=float)
     return LabelMap(data, ras, table)
 
 
-def referenced_series(path: str | Path) -> list[str]:
-    """The SeriesInstanceUIDs a DICOM SEG says it segments (its source images' series)."""
+@dataclass(frozen=True)
+class SegReferences:
+    """What a DICOM SEG says it segments: series (ReferencedSeriesSequence, type 1C) and, per
+    frame, the source images (DerivationImageSequence > SourceImageSequence), which writers that
+    leave out the first still fill in."""
+
+    series: tuple[str, ...]
+    instances: tuple[str, ...]
+
+
+def referenced_series(path: str | Path) -> SegReferences:
     import pydicom
 
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
     except Exception as e:
         raise LabelError(path, f"unreadable DICOM SEG header ({type(e).__name__})") from e
-    uids = [str(s.SeriesInstanceUID) for s in getattr(ds, "ReferencedSeriesSequence", []) if "SeriesInstanceUID" in s]
-    return uids  # a SEG without ReferencedSeriesSequence (type 1C in the IOD) cannot be paired
+    series = [str(s.SeriesInstanceUID) for s in ds.get("ReferencedSeriesSequence", []) if "SeriesInstanceUID" in s]
+    instances: list[str] = [
+        str(i.ReferencedSOPInstanceUID) for i in ds.get("SourceImageSequence", []) if "ReferencedSOPInstanceUID" in i
+    ]
+    groups = list(ds.get("SharedFunctionalGroupsSequence", [])) + list(ds.get("PerFrameFunctionalGroupsSequence", []))
+    for g in groups:
+        for d in g.get("DerivationImageSequence", []):
+            for i in d.get("SourceImageSequence", []):
+                if "ReferencedSOPInstanceUID" in i:
+                    instances.append(str(i.ReferencedSOPInstanceUID))
+    return SegReferences(tuple(dict.fromkeys(series)), tuple(dict.fromkeys(instances)))
 
 
 def on_grid(labels: LabelMap, affine: np.ndarray, shape: tuple[int, ...], path: str | Path) -> LabelMap:

@@ -2,8 +2,9 @@
 
 The map must lie on the series' voxel grid (what medgen's export and ingest guarantee): frame k
 of the SEG is slice k of the series, so highdicom takes each frame's position and orientation
-from its source image. One segment per label present (BINARY segmentation: the type every
-viewer and dciodvfy knows; LABELMAP SEG is newer than most readers). Patient and study come from
+from its source image. One segment per label present; BINARY segmentation by default (the type
+every viewer and dciodvfy knows), LABELMAP on request (DICOM 2024: one frame of label values, far
+smaller for many labels, newer than most readers). Patient and study come from
 the source images, so a SEG of a synthetic series is as synthetic (de-identified) as its series.
 """
 
@@ -26,6 +27,7 @@ def write_seg(
     series_number: int = 2,
     uid_seed: str | None = None,
     description: str = "medgen labels",
+    segmentation_type: str = "binary",
 ) -> Path:
     """`labels` (X, Y, Z) on the grid of the series whose slice k is `source_files[k]` (written by
     medgen.io.dicom.write.write_series: rows along j, columns along i)."""
@@ -75,7 +77,7 @@ def write_seg(
         seg = hd.seg.Segmentation(
             source_images=sources,
             pixel_array=numbered,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segmentation_type=hd.seg.SegmentationTypeValues[segmentation_type.upper()],
             segment_descriptions=segments,
             series_instance_uid=uid("seg-series"),
             series_number=series_number,
