@@ -231,3 +231,26 @@ def test_reingest_removes_only_label_maps_it_wrote_and_no_longer_pairs(tmp_path)
     assert not (out / paired["sub-02_dseg.nii.gz"]).exists()  # its map is gone: ingest's copy goes too
     assert (out / paired["sub-01_dseg.nii.gz"]).exists()
     assert foreign.read_bytes() == b"not ingest's"
+
+
+def test_reingest_keeps_placed_maps_whose_map_and_scan_are_unchanged(tmp_path):
+    lab = label_volume((16, 16, 8))
+    src = tmp_path / "src"
+    for sub in ("sub-01", "sub-02"):
+        (src / sub).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(image_from(lab), np.eye(4)), src / sub / f"{sub}_T1w.nii.gz")
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), src / sub / f"{sub}_dseg.nii.gz")
+    out = tmp_path / "out"
+    ingest(src, out)
+    first = {r["label_source"].split("/")[-1]: r for r in read_labels_csv(out)}
+    stamps = {k: (out / r["label_path"]).stat().st_mtime_ns for k, r in first.items()}
+    edited = lab.copy()
+    edited[edited == 2] = 1
+    nib.save(nib.Nifti1Image(edited, np.eye(4)), src / "sub-02" / "sub-02_dseg.nii.gz")
+    ingest(src, out)
+    second = {r["label_source"].split("/")[-1]: r for r in read_labels_csv(out)}
+    assert second["sub-01_dseg.nii.gz"] == first["sub-01_dseg.nii.gz"]
+    assert (out / first["sub-01_dseg.nii.gz"]["label_path"]).stat().st_mtime_ns == stamps["sub-01_dseg.nii.gz"]
+    assert second["sub-02_dseg.nii.gz"]["sha256"] != first["sub-02_dseg.nii.gz"]["sha256"]
+    placed = np.asanyarray(nib.load(out / second["sub-02_dseg.nii.gz"]["label_path"]).dataobj)
+    assert not (placed == 2).any()  # the edited map was placed again, not the stale copy kept

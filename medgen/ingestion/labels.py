@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import re
@@ -39,7 +40,7 @@ from medgen.io.labels import (
     write_label_nifti,
 )
 
-COLUMNS = ["label_source", "status", "reason", "scan_id", "label_path", "labels", "notes"]
+COLUMNS = ["label_source", "status", "reason", "scan_id", "label_path", "labels", "notes", "sha256"]
 OWN_LABEL_PATH = re.compile(LABELS_DIR + r"/scan-[0-9a-f]{16}(-t[0-9]{4})?_dseg\.nii\.gz")  # what ingest writes
 DERIVATIVE_ENTITIES = {"space", "desc", "label", "res", "den", "seg"}
 
@@ -48,6 +49,23 @@ DERIVATIVE_ENTITIES = {"space", "desc", "label", "res", "den", "seg"}
 class LabelSource:
     path: str
     kind: str  # 'nifti' | 'dicom-seg'
+
+
+def _pair_key(path: str) -> str:
+    """The label file's sha256 (reading it costs little beside parsing and resampling it); joined
+    with its scan's sha256 it says whether a previous ingest's placed copy still stands."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _scan_key(row: dict[str, str]) -> str:
+    """Names one written volume: its source's sha256 and when and onto which grid it was written
+    (a re-ingest with other options rewrites the volume, and its map must be placed again)."""
+    fields = [row.get(k, "") for k in ("sha256", "ingested_at", "shape", "spacing", "orientation", "output_path")]
+    return hashlib.sha256("|".join(fields).encode()).hexdigest()
 
 
 def _match_nifti(path: str, scans: dict[str, str]) -> list[str]:
@@ -74,12 +92,14 @@ def pair_labels(
 
     accepted = {r["scan_id"]: r for r in rows if r["status"] == "accepted"}
     nifti_scans = {sid: r["source"] for sid, r in accepted.items() if r["source_kind"] == "nifti"}
+    before = {r["label_source"]: r for r in read_label_rows(out_dir).values()}
     out: list[dict[str, str]] = []
     taken: dict[str, str] = {}
     for src in sorted(sources, key=lambda s: s.path):
         row = dict.fromkeys(COLUMNS, "") | {"label_source": src.path}
         by_frames = False
         try:
+            row["sha256"] = _pair_key(src.path)
             if src.kind == "nifti":
                 ids = _match_nifti(src.path, nifti_scans)
             else:
@@ -100,6 +120,17 @@ def pair_labels(
             sid = ids[0]
             if sid in taken:
                 raise LabelError(src.path, f"its scan already has a label map ({taken[sid]})")
+            row["sha256"] += ":" + _scan_key(accepted[sid])
+            prev = before.get(src.path)
+            if (
+                prev
+                and prev["scan_id"] == sid
+                and prev.get("sha256") == row["sha256"]
+                and (out_dir / prev["label_path"]).exists()
+            ):
+                taken[sid] = src.path  # neither the map nor its scan changed: its placed copy stands
+                out.append(prev)
+                continue
             scan = nib.load(str(out_dir / accepted[sid]["output_path"]))
             labels = read_nifti_labels(src.path) if src.kind == "nifti" else read_seg_labels(src.path)
             placed = on_grid(labels, scan.affine, scan.shape[:3], src.path)
@@ -117,7 +148,7 @@ def pair_labels(
         except Exception as e:  # one hostile file is its own row, never the end of the ingest
             row |= {"status": "rejected", "reason": f"internal error reading the label map: {type(e).__name__}: {e}"}
         out.append(row)
-    previous = {r["label_path"] for r in read_label_rows(out_dir).values()}
+    previous = {r["label_path"] for r in before.values()}
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     w.writeheader()
