@@ -103,9 +103,13 @@ def main() -> None:
     ap.add_argument("--calibration-samples", type=int, default=4, help="posterior samples for the calibration table")
     ap.add_argument("--adapt-steps", type=int, default=60, help="per-scan self-supervised steps (0: skip)")
     ap.add_argument("--model", type=Path, default=None, help="score model folder (default: the shipped one)")
+    ap.add_argument("--calibration-only", action="store_true", help="only the uncertainty calibration table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sm = load_score_model(args.model)
+    if args.calibration_only:
+        calibration_table(sm, args.calibration_samples)
+        return
     try:
         import bm4d  # noqa: F401
 
@@ -184,23 +188,25 @@ def calibration_table(sm, samples: int) -> None:
     """Is the posterior standard deviation map worth trusting on held-out volumes? The fraction of
     voxels whose true error lies within 2 std, and the Spearman correlation of window-mean std with
     window-mean |error| (8^3 windows; 4^3 for volumes under 40 voxels a side). Posterior with the
-    true sigma, `samples` samples of 16 steps."""
+    true sigma, `samples` samples of 16 steps; the map as the samples spread (raw, tune=False) and
+    scaled by SURE (the default)."""
     from medgen.denoising.calibration import calibration
     from medgen.denoising.denoiser import denoise_detailed
 
     print(f"\nuncertainty calibration (posterior x{samples}, 16 steps, true sigma, Gaussian):")
-    print(f"  {'volume':<14} {'sigma':>5}  {'within 2 std':>12} {'Spearman':>9} {'windows':>8}")
+    print(f"  {'volume':<14} {'sigma':>5}  {'2 std raw':>10} {'2 std SURE':>10} {'Spearman':>9} {'windows':>8}")
     rng = np.random.default_rng(1)
     for name, x in volumes().items():
         for s in (0.05, 0.10):
             y = add_noise(x, s, "gaussian", rng)
-            r = denoise_detailed(
-                y, model=sm, sigma=s, method="posterior", n_samples=samples, max_steps=16, device="cpu"
-            )
-            assert r.std is not None
-            cal = calibration(r.volume.data, r.std.data, x, window=8 if min(x.shape) >= 40 else 4)
+            kw = dict(model=sm, sigma=s, method="posterior", n_samples=samples, max_steps=16, device="cpu")
+            w = 8 if min(x.shape) >= 40 else 4
+            raw, r = denoise_detailed(y, tune=False, **kw), denoise_detailed(y, **kw)
+            assert r.std is not None and raw.std is not None
+            c_raw = calibration(raw.volume.data, raw.std.data, x, window=w)
+            cal = calibration(r.volume.data, r.std.data, x, window=w)
             print(
-                f"  {name:<14} {s:>5.2f}  {cal.coverage:>12.3f} {cal.rank_correlation:>9.3f} {cal.windows:>8}",
+                f"  {name:<14} {s:>5.2f}  {c_raw.coverage:>10.3f} {cal.coverage:>10.3f} {cal.rank_correlation:>9.3f} {cal.windows:>8}",
                 flush=True,
             )
 

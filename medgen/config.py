@@ -198,6 +198,10 @@ class ControlNetConfig(_Strict):
 
     embedding_channels: Channels = (16, 32)
     conditioning_scale: float = Field(1.0, gt=0)
+    # MAISI's weighted loss: latent voxels that hold any of these labels count `weighted_loss`
+    # times in the loss (a lesion of 0.5 % of the volume otherwise barely moves a ControlNet)
+    weighted_loss_labels: list[int] = Field(default_factory=list)
+    weighted_loss: float = Field(1.0, ge=1.0)
     train: StageTrainConfig
 
 

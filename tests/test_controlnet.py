@@ -226,3 +226,36 @@ def test_dicom_export_writes_a_seg_that_passes_dciodvfy_and_lands_on_its_series(
         np.testing.assert_allclose(back.affine, scan.affine, atol=1e-4)
         np.testing.assert_array_equal(np.asanyarray(back.dataobj), mask)  # RAS -> DICOM LPS -> RAS: same voxels
         assert not row["notes"]  # the SEG's grid is the series' grid: no resampling
+
+
+def test_weighted_loss_makes_the_listed_labels_count_more():
+    """MAISI's ControlNet weighted loss: latent voxels whose footprint holds a listed label weigh
+    `weighted_loss`; a label smaller than one latent voxel still counts (max-pooled)."""
+    import torch
+
+    from medgen.synthesis.train_controlnet import loss_weights
+    from medgen.synthesis.train_diffusion import diffusion_loss
+
+    labels = torch.zeros(2, 1, 16, 16, 16, dtype=torch.long)
+    labels[0, 0, 5, 5, 5] = 3  # one voxel: inside latent voxel (1, 1, 1) of a 4x4x4 grid
+    labels[1, 0, :8] = 1
+    w = loss_weights(labels, [3], 50.0, (4, 4, 4))
+    assert w is not None and w.shape == (2, 1, 4, 4, 4)
+    assert w[0, 0, 1, 1, 1] == 50 and (w[0] == 50).sum() == 1 and (w[1] == 1).all()
+    assert loss_weights(labels, [3], 1.0, (4, 4, 4)) is None and loss_weights(labels, [], 9.0, (4, 4, 4)) is None
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, timesteps, **_):
+            return torch.zeros_like(x)
+
+    from monai.networks.schedulers import DDPMScheduler
+
+    sched = DDPMScheduler(num_train_timesteps=100)
+    z0 = torch.zeros(2, 3, 4, 4, 4)
+    noise = torch.ones_like(z0)
+    u = torch.full((2,), 0.5)
+    plain = diffusion_loss(Zero(), sched, "ddpm", "epsilon", z0, noise, u)
+    ones = diffusion_loss(Zero(), sched, "ddpm", "epsilon", z0, noise, u, weights=torch.ones(2, 1, 4, 4, 4))
+    weighted = diffusion_loss(Zero(), sched, "ddpm", "epsilon", z0, noise, u, weights=w)
+    assert plain == pytest.approx(1.0) and ones == pytest.approx(1.0)
+    assert weighted == pytest.approx((127 + 50**2) / 128)

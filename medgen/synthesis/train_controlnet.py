@@ -44,6 +44,20 @@ def label_table(manifest: str | Path, scan_ids: list[str]) -> dict[int, str]:
     return table
 
 
+def loss_weights(
+    labels: torch.Tensor, values: list[int], weight: float, latent: tuple[int, ...]
+) -> torch.Tensor | None:
+    """[N, 1, *latent]: `weight` where a latent voxel's footprint holds any of `values`, else 1.
+    Max-pooled, not nearest-sampled: a lesion smaller than one latent voxel still counts."""
+    if weight == 1.0 or not values:
+        return None
+    hit = torch.zeros(labels.shape, dtype=torch.float32)
+    for v in values:
+        hit = torch.maximum(hit, (labels == v).float())
+    pooled = torch.nn.functional.adaptive_max_pool3d(hit, latent)
+    return 1.0 + (weight - 1.0) * pooled
+
+
 def train_controlnet(
     cfg: PipelineConfig,
     manifest: str | Path,
@@ -73,6 +87,13 @@ def train_controlnet(
     values = sorted(v for v in set(torch.unique(labels).tolist()) if v > 0)
     table = {v: table.get(v, f"label {v}") for v in values}
     onehot = torch.stack([(labels[:, 0] == v).float() for v in values], 1).to(d.device)
+    missing = sorted(set(ccfg.weighted_loss_labels) - set(values))
+    if missing:
+        raise MedgenError(
+            f"controlnet.weighted_loss_labels {missing}: no training label map has them (labels: {values})"
+        )
+    weights = loss_weights(labels, ccfg.weighted_loss_labels, ccfg.weighted_loss, tuple(latents.shape[2:]))
+    weights = weights.to(d.device) if weights is not None else None
 
     unet = gen.unet.train()  # frozen: no gradients into it, but gradients flow through it
     for q in unet.parameters():
@@ -104,7 +125,16 @@ def train_controlnet(
             return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
 
         loss = diffusion_loss(
-            unet, scheduler, gen.diffusion_cfg.scheduler, gen.diffusion_cfg.prediction, z0, noise, u, context, residuals
+            unet,
+            scheduler,
+            gen.diffusion_cfg.scheduler,
+            gen.diffusion_cfg.prediction,
+            z0,
+            noise,
+            u,
+            context,
+            residuals,
+            weights[index] if weights is not None else None,
         )
         return {"controlnet": loss}
 

@@ -39,10 +39,13 @@ def diffusion_loss(
     u: torch.Tensor,
     context: torch.Tensor | None = None,
     residuals: Callable[[torch.Tensor, torch.Tensor], dict[str, Any]] | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE of the network's prediction for z0 noised at times drawn from `u` ~ U[0, 1);
     `context`: a conditioned model's [B, 1, dim] condition vectors; `residuals(zt, t)`: a
-    ControlNet's additional residuals for the UNet (medgen.synthesis.train_controlnet)."""
+    ControlNet's additional residuals for the UNet (medgen.synthesis.train_controlnet);
+    `weights` [B, 1, *latent]: per latent voxel, prediction and target both multiplied by it
+    (MAISI's ControlNet weighted loss, which makes small structures count)."""
     T = scheduler.num_train_timesteps
     if kind == "rflow":
         t = u * T  # continuous time; x_t = (1 - t/T) x0 + t/T noise, velocity target x0 - noise
@@ -54,7 +57,10 @@ def diffusion_loss(
     extra: dict[str, Any] = {} if context is None else {"context": context}
     if residuals is not None:
         extra |= residuals(zt, t)
-    return torch.nn.functional.mse_loss(unet(zt, timesteps=t, **extra).float(), target)
+    pred = unet(zt, timesteps=t, **extra).float()
+    if weights is not None:
+        pred, target = pred * weights, target * weights
+    return torch.nn.functional.mse_loss(pred, target)
 
 
 def drop_conditions(
