@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from medgen.config import StageTrainConfig
+from medgen.denoising.patches import random_patches
 from medgen.models.score import NoiseSchedule, ScoreModel
 from medgen.seeding import keyed_generator
 
@@ -91,19 +92,8 @@ def sure_loss(
 ) -> torch.Tensor:
     """SURE / s^2 of the Tweedie denoiser on one random patch (random flips) of each scans[i]."""
     b = len(idx)
-    corner = ctx.rand((b, 3))
-    flips = ctx.rand((b, 3)) < 0.5
-    ys, ms = [], []
-    for k, i in enumerate(idx):
-        v = scans[i]
-        c = [int(f * (n - p + 1)) for f, n, p in zip(corner[k].tolist(), v.data.shape, patch)]
-        sl = tuple(slice(o, o + p) for o, p in zip(c, patch))
-        dims = [a for a in range(3) if flips[k, a]]
-        y, m = v.data[sl], v.valid[sl]
-        ys.append(torch.flip(y, dims) if dims else y)
-        ms.append(torch.flip(m, dims) if dims else m)
-    y = torch.stack(ys)[:, None]
-    m = torch.stack(ms)[:, None].float()
+    y, m = random_patches([(scans[i].data, scans[i].valid) for i in idx], patch, ctx)
+    m = m.float()
     s = torch.tensor([scans[i].sigma for i in idx], device=y.device)
     t = schedule.time_of_torch(s)
     s5 = s[:, None, None, None, None]

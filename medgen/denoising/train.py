@@ -17,6 +17,7 @@ import torch
 
 from medgen.config import DenoiserConfig
 from medgen.denoising.normalise import normalise
+from medgen.denoising.patches import random_patches
 from medgen.models.score import NoiseSchedule, build_score_unet, save_score_model
 from medgen.training.loop import Part, Trainer, init_distributed, unwrap, wrap
 
@@ -71,20 +72,10 @@ def train_score(
     model = wrap(unet, d)
     part = Part("score", model, torch.optim.AdamW(model.parameters(), lr=cfg.train.lr), cfg.train.ema_decay)
     log_lo, log_hi = math.log(cfg.sigma_min), math.log(cfg.sigma_max)
-    px, py, pz = cfg.patch
 
     def step_fn(ctx, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         b = idx.shape[0]
-        corner = ctx.rand((b, 3))
-        flips = ctx.rand((b, 3)) < 0.5
-        patches = []
-        for k in range(b):
-            v = vols[int(idx[k])]
-            i, j, m = (int(c * (n - p + 1)) for c, n, p in zip(corner[k].tolist(), v.shape, cfg.patch))
-            x = v[i : i + px, j : j + py, m : m + pz]
-            dims = [a for a in range(3) if flips[k, a]]
-            patches.append(torch.flip(x, dims) if dims else x)
-        x0 = torch.stack(patches)[:, None]
+        (x0,) = random_patches([(vols[int(i)],) for i in idx], cfg.patch, ctx)
         if cfg.augment is not None:
             from medgen.denoising.augment import augment
 
