@@ -213,14 +213,19 @@ def test_a_seg_without_referenced_series_pairs_by_its_frames_source_images(tmp_p
     np.testing.assert_array_equal(got, np.vectorize(renumber.get)(np.round((v.get_fdata() - 50) / 100)))
 
 
-def test_reingest_removes_only_label_maps_it_wrote_and_no_longer_pairs(tmp_path):
+def _two_subjects_with_maps(tmp_path):
+    """sub-01 and sub-02, each a T1w and its dseg on one grid: (label array, sources, out)."""
     lab = label_volume((16, 16, 8))
     src = tmp_path / "src"
     for sub in ("sub-01", "sub-02"):
         (src / sub).mkdir(parents=True)
         nib.save(nib.Nifti1Image(image_from(lab), np.eye(4)), src / sub / f"{sub}_T1w.nii.gz")
         nib.save(nib.Nifti1Image(lab, np.eye(4)), src / sub / f"{sub}_dseg.nii.gz")
-    out = tmp_path / "out"
+    return lab, src, tmp_path / "out"
+
+
+def test_reingest_removes_only_label_maps_it_wrote_and_no_longer_pairs(tmp_path):
+    _, src, out = _two_subjects_with_maps(tmp_path)
     ingest(src, out)
     paired = {r["label_source"].split("/")[-1]: r["label_path"] for r in read_labels_csv(out)}
     assert all((out / p).exists() for p in paired.values())
@@ -234,13 +239,7 @@ def test_reingest_removes_only_label_maps_it_wrote_and_no_longer_pairs(tmp_path)
 
 
 def test_reingest_keeps_placed_maps_whose_map_and_scan_are_unchanged(tmp_path):
-    lab = label_volume((16, 16, 8))
-    src = tmp_path / "src"
-    for sub in ("sub-01", "sub-02"):
-        (src / sub).mkdir(parents=True)
-        nib.save(nib.Nifti1Image(image_from(lab), np.eye(4)), src / sub / f"{sub}_T1w.nii.gz")
-        nib.save(nib.Nifti1Image(lab, np.eye(4)), src / sub / f"{sub}_dseg.nii.gz")
-    out = tmp_path / "out"
+    lab, src, out = _two_subjects_with_maps(tmp_path)
     ingest(src, out)
     first = {r["label_source"].split("/")[-1]: r for r in read_labels_csv(out)}
     stamps = {k: (out / r["label_path"]).stat().st_mtime_ns for k, r in first.items()}

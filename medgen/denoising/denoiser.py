@@ -504,6 +504,18 @@ def denoise_detailed(
     )
 
 
+def _sure_mask(data, y_np, s_asked, noise) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(voxels SURE is summed over or None for all, the scan's zero-filled background or None).
+    Rician: voxels above 3 sigma, where Rician is Gaussian to first order. A background set to
+    exactly zero holds no noise: SURE over it would count noise that is not there (its estimate
+    went below 0 on a masked EPI)."""
+    mask = (y_np > 3 * s_asked) if noise == "rician" else None
+    blank = masked_background(data)
+    if blank is not None:
+        mask = ~blank if mask is None else mask & ~blank
+    return mask, blank
+
+
 def _calibrate_std(data, mean, std, posterior_samples, y_np, s_asked, lo, hi, noise, seed, dev):
     """One factor for the whole std map, so that its mean variance equals SURE's estimate of the
     posterior mean's MSE. A few posterior samples from a model that has not seen this kind of scan
@@ -511,18 +523,13 @@ def _calibrate_std(data, mean, std, posterior_samples, y_np, s_asked, lo, hi, no
     real T1s, not 95 %); SURE is unbiased whatever the model, so it fixes the scale, while where
     the map is high or low stays the model's. Costs a second set of posterior runs (at the probed
     scan, same draws: SURE needs the output's divergence)."""
-    from medgen.denoising.sure import PROBE_KEY, sure
+    from medgen.denoising.sure import make_probe, sure
 
-    rng = np.random.default_rng(np.random.SeedSequence([seed, PROBE_KEY]))
-    probe = rng.standard_normal(y_np.shape).astype(np.float32)
-    eps = 0.05 * s_asked
+    probe, eps = make_probe(y_np.shape, s_asked, seed)
     y_probed = torch.as_tensor((y_np + eps * probe).astype(np.float32), device=dev)[None, None]
     mean_probed = np.stack(posterior_samples(y_probed)).mean(0)
     scale = hi - lo
-    mask = (y_np > 3 * s_asked) if noise == "rician" else None  # Rician ~ Gaussian there
-    blank = masked_background(data)
-    if blank is not None:
-        mask = ~blank if mask is None else mask & ~blank
+    mask, _ = _sure_mask(data, y_np, s_asked, noise)
     mse = sure(y_np, (mean - lo) / scale, (mean_probed - lo) / scale, probe, eps, s_asked, mask) * scale**2
     var = float(np.mean((std if mask is None else std[mask]).astype(np.float64) ** 2))
     risk = RiskEstimate(
@@ -548,17 +555,15 @@ def _tuned(vol, net, sm, y_np, s_asked, lo, hi, noise, strengths, seed, desc, rh
 
     if noise == "rician":  # the bias correction is part of the estimate, so SURE sees it
         post = lambda x: np.sqrt(np.maximum(x.astype(np.float64) ** 2 - s_asked**2, 0.0)).astype(np.float32)  # noqa: E731
-        mask, covers = y_np > 3 * s_asked, "voxels above 3 sigma (Rician ~ Gaussian there)"
+        covers = "voxels above 3 sigma (Rician ~ Gaussian there)"
     else:
         post = (lambda x: np.maximum(x, 0.0)) if lo == 0.0 else (lambda x: x)  # see `units` above
-        mask, covers = None, "all voxels"
-    blank = masked_background(vol.data)
+        covers = "all voxels"
+    mask, blank = _sure_mask(vol.data, y_np, s_asked, noise)
     if blank is not None:
-        # A background set to exactly zero holds no noise: SURE over it would count noise that is
-        # not there (its estimate went below 0 on a masked EPI), and the output keeps it at zero.
+        # the output keeps a zero-filled background at zero
         inner = post
         post = lambda x: np.where(blank, y_np, inner(x))  # noqa: E731
-        mask = ~blank if mask is None else mask & ~blank
         covers = "voxels outside the scan's zero-filled background" if noise != "rician" else covers
     if rho is not None:
         covers += f"; noise correlated (lag-1 {', '.join(f'{r:+.2f}' for r in rho)})"

@@ -47,6 +47,22 @@ def sure(
     return fit - sigma**2 + 2.0 * sigma**2 * div
 
 
+def make_probe(
+    shape: tuple[int, ...], sigma: float, seed: int, correlation: tuple[float, float, float] | None = None
+) -> tuple[np.ndarray, float]:
+    """The Monte-Carlo probe b and its step eps, for g(y + eps b)."""
+    # The probe's stream is keyed apart from every plain `default_rng(seed)`: a probe equal to the
+    # noise (a phantom noised with default_rng(0), probed with seed 0) made the estimate 10x off.
+    rng = np.random.default_rng(np.random.SeedSequence([seed, PROBE_KEY]))
+    probe = rng.standard_normal(shape).astype(np.float32)
+    if correlation is not None:  # SURE for correlated noise: a probe with the noise's covariance
+        from medgen.denoising.correlated import color
+
+        probe = color(probe, correlation).astype(np.float32)
+    eps = 0.05 * sigma  # small against sigma (bias O(eps^2)), large against float32/bf16 rounding
+    return probe, eps
+
+
 def select(
     y: np.ndarray,
     network: Callable[[np.ndarray, float], np.ndarray],
@@ -66,15 +82,7 @@ def select(
     (at y and at the probed y + eps b). `correlation` (lag-1 per axis) makes the estimate hold for
     spatially correlated noise (medgen.denoising.correlated).
     """
-    # The probe's stream is keyed apart from every plain `default_rng(seed)`: a probe equal to the
-    # noise (a phantom noised with default_rng(0), probed with seed 0) made the estimate 10x off.
-    rng = np.random.default_rng(np.random.SeedSequence([seed, PROBE_KEY]))
-    probe = rng.standard_normal(y.shape).astype(np.float32)
-    if correlation is not None:  # SURE for correlated noise: a probe with the noise's covariance
-        from medgen.denoising.correlated import color
-
-        probe = color(probe, correlation).astype(np.float32)
-    eps = 0.05 * sigma  # small against sigma (bias O(eps^2)), large against float32/bf16 rounding
+    probe, eps = make_probe(y.shape, sigma, seed, correlation)
     yp = y + eps * probe
     best = Candidate(0.0, 0.0, sigma**2, y)
     tried = [best]
