@@ -137,6 +137,24 @@ def test_training_a_controlnet_without_label_maps_says_so(tmp_path):
         train_controlnet(controlnet_config(), report.manifest_path, tmp_path / "run", device="cpu")
 
 
+def test_a_weighted_loss_on_a_label_no_map_has_is_refused(pairs, tmp_path):
+    from medgen.errors import MedgenError
+
+    cfg = controlnet_config()
+    assert cfg.controlnet is not None
+    cfg = cfg.model_copy(
+        update={"controlnet": cfg.controlnet.model_copy(update={"weighted_loss_labels": [7], "weighted_loss": 50.0})}
+    )
+    run = tmp_path / "run"
+    shutil.copytree(pairs["generator"], run / "generator")
+    manifest = pairs["root"] / "ing" / "manifest.csv"
+    with pytest.raises(
+        MedgenError, match=r"weighted_loss_labels \[7\]: no training label map has them \(labels: \[1\]\)"
+    ):
+        train_controlnet(cfg, manifest, run, device="cpu")
+    assert not (run / "controlnet").exists()
+
+
 LENIENT = {
     "encoder": {"steps": 20},
     "heldout_splits": ["test"],

@@ -158,6 +158,8 @@ def test_dicom_seg_pairs_with_the_series_it_references(tmp_path, kind):
     vol = make_volume((20, 18, 8), modality="MR", affine=oblique_affine())
     vol.data[:] = image_from(lab)
     files = write_series(vol, tmp_path / "src" / "series", uid_seed="seg-test")
+    with pytest.raises(ValueError, match="segmentation_type 'fractional': 'binary' or 'labelmap'"):
+        write_seg(lab, {1: "grey"}, files, tmp_path / "x.dcm", segmentation_type="fractional")
     write_seg(
         lab, {1: "grey", 2: "white", 5: "lesion"}, files, tmp_path / "src" / "seg" / "seg.dcm", segmentation_type=kind
     )

@@ -126,6 +126,7 @@ def pair_labels(
                 prev
                 and prev["scan_id"] == sid
                 and prev.get("sha256") == row["sha256"]
+                and OWN_LABEL_PATH.fullmatch(prev["label_path"])  # only a map ingest itself wrote
                 and (out_dir / prev["label_path"]).exists()
             ):
                 taken[sid] = src.path  # neither the map nor its scan changed: its placed copy stands

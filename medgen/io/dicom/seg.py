@@ -36,6 +36,8 @@ def write_seg(
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
+    if segmentation_type not in ("binary", "labelmap"):
+        raise ValueError(f"{path}: segmentation_type {segmentation_type!r}: 'binary' or 'labelmap'")
     sources = [pydicom.dcmread(str(f)) for f in source_files]
     if len(sources) != labels.shape[2]:
         raise ValueError(f"{len(sources)} source images for a label map of {labels.shape[2]} slices")
