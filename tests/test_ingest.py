@@ -69,12 +69,14 @@ def test_reingest_of_an_unchanged_tree_reads_nothing(tree, tmp_path, monkeypatch
     assert first.converted == 5 and first.files_read > 0
     before = (tmp_path / "out" / "manifest.csv").read_text()
 
+    import medgen.ingestion.file_index as index
     import medgen.ingestion.run as ing
 
     def forbidden(*a, **k):
         raise AssertionError("an unchanged source was read again")
 
-    monkeypatch.setattr(ing, "read_header", forbidden)
+    monkeypatch.setattr(index, "read_header", forbidden)
+    monkeypatch.setattr(index, "survey_file", forbidden)
     monkeypatch.setattr(ing, "read_series", forbidden)
     monkeypatch.setattr(ing, "read_nifti", forbidden)
     monkeypatch.setattr(ing, "survey_file", forbidden)

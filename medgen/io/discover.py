@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medgen.errors import InputError, InternalError
-from medgen.io.dicom.series import DicomHeader, DicomSeries, dicomdir_files, group_series, looks_like_dicom, read_header
+from medgen.io.dicom.header import DicomHeader, DicomSeries, dicomdir_files, group_series, looks_like_dicom, read_header
 from medgen.io.labels import is_label_file, is_label_source
 from medgen.io.nifti import is_nifti
 
