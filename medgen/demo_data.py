@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from medgen.io.atomic import write_text_atomic
-from medgen.io.nifti import write_nifti
+from medgen.io.nifti import load_image, write_nifti
 from medgen.volume import Volume, VolumeMeta, centred_affine
 
 MARKER = ".medgen-sample-data"
@@ -73,9 +73,8 @@ POPULATION_SIZE = 16
 
 def mni_template() -> tuple[np.ndarray, np.ndarray]:
     """nilearn's MNI152 2009a T1 template (data scaled to its 99.5th percentile = 1, affine)."""
-    import nibabel as nib
 
-    img = nib.load(_package_dir("nilearn") / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    img = load_image(_package_dir("nilearn") / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
     data = np.asarray(img.get_fdata(dtype=np.float32))
     return data / np.percentile(data, 99.5), img.affine
 
@@ -200,11 +199,10 @@ def lesion_population(
     matter signal, 24-32 mm radii) centred in white matter, labelled 3. The images and maps are the template population's
     exactly, plus the lesion: the lesion flag really changes the image, the maps really match it.
     Nothing here is a patient's lesion; it is disclosed as simulated wherever it is written."""
-    import nibabel as nib
 
     data = _package_dir("nilearn") / "datasets" / "data"
-    gm = np.asarray(nib.load(data / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").get_fdata(dtype=np.float32))
-    wm = np.asarray(nib.load(data / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").get_fdata(dtype=np.float32))
+    gm = np.asarray(load_image(data / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").get_fdata(dtype=np.float32))
+    wm = np.asarray(load_image(data / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").get_fdata(dtype=np.float32))
     volumes, warped = _population(n, seed, spacing, also=(gm, wm))
     rng = np.random.default_rng([seed, 1])  # its own stream: the population itself is unchanged
     out_v, out_l, flags = [], [], []

@@ -152,6 +152,20 @@ def test_non_numeric_rescale_and_degenerate_orientation_are_rows_naming_the_file
     assert len(report.accepted) == 2
 
 
+def test_a_cifti_matrix_under_a_nifti_name_is_refused_by_name(tmp_path):
+    """nibabel opens a CIFTI-2 .nii as a Cifti2Image (a matrix, no voxel grid or affine): a typed
+    row naming what it is, not an AttributeError deep in the geometry code."""
+    import shutil
+
+    src = tmp_path / "src"
+    _good(src)
+    shutil.copy(Path(nib.__file__).parent / "tests" / "data" / "row_major.dconn.nii", src / "sub-01_bold.nii")
+    report = ingest(src, tmp_path / "out")
+    (row,) = _rows_under(report.rows, src, "sub-01_bold.nii")
+    assert row["error_code"] == "unsupported" and "Cifti2Image" in row["reason"]
+    assert len(report.accepted) == 2
+
+
 def test_an_unexpected_failure_is_an_internal_error_row(tmp_path, monkeypatch):
     import medgen.ingestion.run as run
 

@@ -63,10 +63,10 @@ def find_scans(sources: list[str | Path]) -> list[ScanRef]:
             refs.append(ScanRef(str(folder), _stem(folder), tuple(s.paths), series=s.series_uid))
     names: dict[str, int] = {}
     unique = []
-    for r in refs:  # two series in one folder, or same-named files in two folders
-        n = names.get(r.name, 0)
-        names[r.name] = n + 1
-        unique.append(r if n == 0 else ScanRef(r.path, f"{r.name}-{n + 1}", r.files, r.series))
+    for ref in refs:  # two series in one folder, or same-named files in two folders
+        n = names.get(ref.name, 0)
+        names[ref.name] = n + 1
+        unique.append(ref if n == 0 else ScanRef(ref.path, f"{ref.name}-{n + 1}", ref.files, ref.series))
     return unique
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from medgen.errors import ExportError
 from medgen.io.atomic import TMP_MARK, replace_dir, staging_dir, write_text_atomic
+from medgen.io.nifti import load_image
 from medgen.provenance import code_version, sha256_json
 from medgen.volume import VolumeMeta
 
@@ -125,11 +126,10 @@ def _labels(run: Path, entry, record):
     """The label map a sample followed (None for a plain sample), with the record's label table."""
     if not entry.label_file:
         return None
-    import nibabel as nib
 
     from medgen.io.labels import LabelMap
 
-    img = nib.load(str(run / entry.label_file))
+    img = load_image(str(run / entry.label_file))
     table = {int(k): v for k, v in (record.label_table or {}).items()}
     return LabelMap(np.asarray(img.dataobj), img.affine, table)
 

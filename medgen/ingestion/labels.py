@@ -39,6 +39,7 @@ from medgen.io.labels import (
     referenced_series,
     write_label_nifti,
 )
+from medgen.io.nifti import load_image
 
 COLUMNS = ["label_source", "status", "reason", "scan_id", "label_path", "labels", "notes", "sha256"]
 OWN_LABEL_PATH = re.compile(LABELS_DIR + r"/scan-[0-9a-f]{16}(-t[0-9]{4})?_dseg\.nii\.gz")  # what ingest writes
@@ -88,7 +89,6 @@ def pair_labels(
     `series_scans` / `instance_scans`: SeriesInstanceUID / SOPInstanceUID -> scan_id of the DICOM
     series in this ingest, the UIDs as the file index keeps them (`uid_key` turns a clear UID into
     that form)."""
-    import nibabel as nib
 
     accepted = {r["scan_id"]: r for r in rows if r["status"] == "accepted"}
     nifti_scans = {sid: r["source"] for sid, r in accepted.items() if r["source_kind"] == "nifti"}
@@ -132,7 +132,7 @@ def pair_labels(
                 taken[sid] = src.path  # neither the map nor its scan changed: its placed copy stands
                 out.append(prev)
                 continue
-            scan = nib.load(str(out_dir / accepted[sid]["output_path"]))
+            scan = load_image(str(out_dir / accepted[sid]["output_path"]))
             labels = read_nifti_labels(src.path) if src.kind == "nifti" else read_seg_labels(src.path)
             placed = on_grid(labels, scan.affine, scan.shape[:3], src.path)
             rel = f"{LABELS_DIR}/{sid}_dseg.nii.gz"

@@ -19,6 +19,7 @@ import numpy as np
 
 from medgen.errors import InputError
 from medgen.io.atomic import atomic_path
+from medgen.io.nifti import load_image
 
 LABELS_CSV = "labels.csv"  # ingest's record of label maps (medgen.ingestion.labels writes it)
 LABELS_DIR = "labels"
@@ -122,11 +123,10 @@ def checked_labels(values: np.ndarray, path: str | Path) -> np.ndarray:
 
 
 def read_nifti_labels(path: str | Path) -> LabelMap:
-    import nibabel as nib
 
     path = Path(path)
     try:
-        img = nib.load(str(path))
+        img = load_image(str(path))
         values = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types on a broken file
         raise LabelError(path, f"unreadable NIfTI label map ({type(e).__name__}: {e})") from e

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from medgen.errors import (
 from medgen.io.atomic import atomic_path
 from medgen.io.sidecar import read_sidecar
 from medgen.volume import SourceInfo, Volume, VolumeMeta
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 FrameMode = Literal["error", "split"]
@@ -180,16 +183,27 @@ def _read_voxels(img, path: Path, shape: tuple[int, ...]) -> np.ndarray:
     return data.reshape(shape, order="F")
 
 
+def load_image(path: str | Path) -> SpatialImage:
+    """`nib.load`, typed as what medgen reads: an image with a voxel grid and an affine. Anything
+    else nibabel can open under a NIfTI name (a CIFTI-2 matrix, say) is refused by name."""
+    import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
+
+    img = nib.load(str(path))
+    if not isinstance(img, SpatialImage):
+        raise UnsupportedImageError(path, f"a {type(img).__name__} is not an image on a voxel grid")
+    return img
+
+
 def read_nifti(path: str | Path, *, frames: FrameMode = "error", max_voxels: int = DEFAULT_MAX_VOXELS) -> list[Volume]:
     """Read a NIfTI file into one Volume, or one per frame of a 4D file when `frames='split'`."""
-    import nibabel as nib
 
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise EmptyFileError(path, "file is empty (0 bytes)")
-        img = nib.load(str(path))
-    except EmptyFileError:
+        img = load_image(path)
+    except (EmptyFileError, UnsupportedImageError):
         raise
     except FileNotFoundError as e:
         raise UnreadableFileError(path, f"cannot open: {e.strerror or e}") from e

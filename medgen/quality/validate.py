@@ -22,6 +22,7 @@ import numpy as np
 from medgen.config import DataConfig, QualityConfig
 from medgen.datasets.preprocess import IntensityMap, fingerprint, model_affine
 from medgen.errors import ValidationError
+from medgen.io.nifti import load_image
 from medgen.models.bundle import generator_metadata
 from medgen.provenance import sha256_file, sha256_json
 from medgen.quality.gate import BatchResult
@@ -59,7 +60,6 @@ def validate_run(
     run: str | Path, *, quality: QualityConfig = QualityConfig(), manifest: str | Path | None = None
 ) -> Validation:
     """Assess every volume of the run and write the report files; returns the verdicts."""
-    import nibabel as nib
 
     from medgen.datasets.prepared import prepare
     from medgen.quality.gate import assess, build_reference
@@ -116,7 +116,7 @@ def validate_run(
     arrays, geometry_ok = [], []
     for v in record.volumes:
         # nibabel directly, not read_nifti: NaN volumes must reach the gate (and fail there), not raise
-        img = nib.load(run / v.file)
+        img = load_image(run / v.file)
         data = np.asarray(img.get_fdata(dtype=np.float32))
         ok = data.shape == tuple(data_cfg.size) and np.allclose(img.affine, affine, atol=1e-3)
         geometry_ok.append(bool(ok))
@@ -135,7 +135,7 @@ def validate_run(
     # the maps the samples followed (ControlNet runs): read once, for the utility check and the montage
     labels = None
     if any(v.label_file for v in record.volumes):
-        labels = [np.asarray(nib.load(run / v.label_file).dataobj) if v.label_file else None for v in record.volumes]
+        labels = [np.asarray(load_image(run / v.label_file).dataobj) if v.label_file else None for v in record.volumes]
     if quality.utility is not None:
         u = utility_section(record, meta, manifest, train_items, held_items, train, held, volumes, labels, quality)
         if u.get("segmentation") or u.get("conditions") or u["skipped"]:  # a plain run: nothing to say

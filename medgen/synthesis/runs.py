@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from medgen.errors import RunError
 from medgen.io.atomic import write_text_atomic
-from medgen.io.nifti import write_nifti
+from medgen.io.nifti import load_image, write_nifti
 from medgen.provenance import code_version, model_folder_sha256, sha256_file
 
 RECORD = "synthesis.json"
@@ -141,14 +141,13 @@ def label_files(labels: str | Path | list) -> list[Path]:
 def model_labels(labels: str | Path, data_cfg) -> np.ndarray:
     """A label map file (NIfTI) in the model's geometry: as is when it already has the model's grid
     size, else through the same orientation / spacing / crop chain as training scans (nearest)."""
-    import nibabel as nib
 
     from medgen.datasets.preprocess import label_transforms
     from medgen.io.labels import LabelError, checked_labels
 
     path = Path(labels)
     try:
-        img = nib.load(str(path))
+        img = load_image(str(path))
     except Exception as e:
         raise LabelError(path, f"unreadable label map ({type(e).__name__}: {e})") from e
     data = checked_labels(np.asanyarray(img.dataobj), path)
