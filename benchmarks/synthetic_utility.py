@@ -12,7 +12,7 @@ and its ControlNet:
      the condition can put the lesion in)
   3. mask adherence: Dice of the real-trained UNet's segmentation of each sample against its map
 
-    python benchmarks/synthetic_utility.py [--run demo_run/ldm] [--per-map 2] [--per-level 8]
+    python benchmarks/synthetic_utility.py [--run demo_run/ldm] [--per-map 2] [--per-level 8] [--mask-guidance 1]
 
 Uses RUN/generator and RUN/controlnet from `make demo` (or trains them, same config, if absent).
 Goal (issue 14): synthetic-only Dice >= 80 % of real-only, real + synthetic >= real alone.
@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--per-map", type=int, default=2, help="samples per training tissue map")
     ap.add_argument("--per-level", type=int, default=8, help="samples per lesion level (conditioning check)")
     ap.add_argument("--steps", type=int, default=None, help="utility network steps (default: the config's)")
+    ap.add_argument("--mask-guidance", type=float, default=1.0, help="guidance on the label map (1: as trained)")
     ap.add_argument(
         "--train-steps",
         type=int,
@@ -127,7 +128,15 @@ def main() -> None:
     seed = 0
     for m, level in zip(maps, asked):
         vols = generate(
-            gen, args.per_map, steps=50, seed=seed, labels=m, controlnet=cn, condition={"lesion": level}, guidance=3.0
+            gen,
+            args.per_map,
+            steps=50,
+            seed=seed,
+            labels=m,
+            controlnet=cn,
+            condition={"lesion": level},
+            guidance=3.0,
+            mask_guidance=args.mask_guidance,
         )
         seed += 1
         synth_imgs += [gen.intensity.to_model(v.data) for v in vols]
@@ -161,8 +170,8 @@ def main() -> None:
     names = {str(k): v for k, v in cn.table.items()}
     print(f"\n# Synthetic utility on the demo population ({time.perf_counter() - t0:.0f} s)\n")
     print(
-        f"real train pairs {seg['n_real_train']}, synthetic pairs {seg['n_synthetic']}, held-out real pairs {seg['n_real_test']}; "
-        f"UNet {ucfg.steps} steps\n"
+        f"real train pairs {seg['n_real_train']}, synthetic pairs {seg['n_synthetic']} (mask guidance "
+        f"{args.mask_guidance:g}), held-out real pairs {seg['n_real_test']}; UNet {ucfg.steps} steps\n"
     )
     print("| trained on | " + " | ".join(names.get(v, v) for v in seg["values"]) + " | mean |")
     print("|---|" + "---|" * (len(seg["values"]) + 1))

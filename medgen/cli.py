@@ -634,7 +634,7 @@ def denoise(
         gain = f"expected gain {k.gain_db:+.2f} dB" if k.gain_db is not None else "no reliable gain estimate"
         console.print(
             f"estimated error (SURE, {k.covers}): MSE {k.mse_output:.4g} vs the input's {k.mse_input:.4g} "
-            f"{vol.meta.units}^2, {gain} (strength {k.strength:g}, weight {k.weight:g})"
+            f"{vol.meta.units}^2, {gain} ({k.how or f'strength {k.strength:g}, weight {k.weight:g}'})"
         )
 
 

@@ -55,6 +55,7 @@ class RiskEstimate:
     strength: float  # network run at strength x sigma...
     weight: float  # ...and blended this much with the input (0: the input came back)
     covers: str  # 'all voxels', or for Rician data the voxels where Gaussian SURE holds
+    how: str = ""  # the candidate kept, in words (strength and blend weight, or SURE-LET weights)
 
     @property
     def reliable(self) -> bool:
@@ -567,17 +568,19 @@ def _tuned(vol, net, sm, y_np, s_asked, lo, hi, noise, strengths, seed, desc, rh
         covers = "voxels outside the scan's zero-filled background" if noise != "rician" else covers
     if rho is not None:
         covers += f"; noise correlated (lag-1 {', '.join(f'{r:+.2f}' for r in rho)})"
-    best, _ = select(y_np, network, post, s_asked, tuple(strengths), seed=seed, mask=mask, correlation=rho)
+    best, _ = select(
+        y_np, network, post, s_asked, tuple(strengths), seed=seed, mask=mask, correlation=rho, let=noise == "gaussian"
+    )
     scale2 = (hi - lo) ** 2
-    risk = RiskEstimate(best.risk * scale2, s_asked**2 * scale2, best.strength, best.weight, covers)
+    risk = RiskEstimate(best.risk * scale2, s_asked**2 * scale2, best.strength, best.weight, covers, best.describe())
     out = (best.output * (hi - lo) + lo).astype(np.float32)
     notes = list(notes)
-    if best.weight == 0.0:
+    if best.weight == 0.0 and best.let is None:
         notes.append("no candidate beat the input by SURE: the scan is returned unchanged")
         note = "unchanged: denoising would not lower the estimated error"
     else:
         gain = f"expected gain {risk.gain_db:+.2f} dB" if risk.gain_db is not None else "no reliable error estimate"
-        note = desc + f", SURE-tuned (strength {best.strength:g}, weight {best.weight:g}, {gain})"
+        note = desc + f", SURE-tuned ({best.describe()}, {gain})"
     if not risk.reliable:
         notes.append(
             f"SURE's error estimate is ~0 or below ({risk.mse_output:.3g}): the sigma used "

@@ -12,6 +12,16 @@ than the input" checkable: a candidate is kept only when its estimated risk is b
 Rician magnitude data: Gaussian SURE holds where the signal is well above the noise (there the
 Rician distribution is Gaussian to first order), so for noise='rician' every sum is restricted to
 voxels with y > 3 sigma and the estimate is reported as covering those voxels only.
+
+Beyond the blend grid, each strength also yields a SURE-LET estimate (Blu & Luisier 2007): the
+linear combination of the input, the network output and that output smoothed at LET_SMOOTHING
+voxels whose SURE is least. SURE is quadratic in the coefficients, so they come from one 4x4
+solve; being linear in the components, the divergence of the combination is the same combination
+of the components' divergences, all read off the probe already run. It is one more candidate,
+kept only when its SURE (post-processing included) is lowest: measured on a Shepp-Logan phantom
++0.41/+0.48 dB over the best blend at sigma 0.05/0.10 (the fit sharpens: output weight above 1,
+a negative weight on the lightly smoothed output), +0.01-0.02 dB on real T1 and EPI. Gaussian
+noise only: see `select`.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import numpy as np
 
 PROBE_KEY = 0x53555245  # 'SURE'
 BLEND = tuple(np.round(np.linspace(0.0, 1.0, 11), 2))  # weights of the network output vs the input
+LET_SMOOTHING = (0.6, 1.2)  # Gaussian widths (voxels) of the smoothed network outputs SURE-LET mixes in
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,12 @@ class Candidate:
     weight: float
     risk: float  # SURE of the output's MSE, in the normalised units of y
     output: np.ndarray
+    let: tuple[float, ...] | None = None  # SURE-LET: weights of (input, output, output smoothed...)
+
+    def describe(self) -> str:
+        if self.let is None:
+            return f"strength {self.strength:g}, weight {self.weight:g}"
+        return f"strength {self.strength:g}, SURE-LET weights {', '.join(f'{a:+.2f}' for a in self.let)}"
 
 
 def sure(
@@ -73,6 +90,7 @@ def select(
     seed: int = 0,
     mask: np.ndarray | None = None,
     correlation: tuple[float, float, float] | None = None,
+    let: bool = True,
 ) -> tuple[Candidate, list[Candidate]]:
     """The candidate of least estimated risk among the network at each strength blended with the
     input (weights BLEND), post-processed by `post` (clamps, Rician bias correction: part of the
@@ -80,7 +98,10 @@ def select(
 
     `network(z, s)` is the denoiser applied to z at noise level s; it is called twice per strength
     (at y and at the probed y + eps b). `correlation` (lag-1 per axis) makes the estimate hold for
-    spatially correlated noise (medgen.denoising.correlated).
+    spatially correlated noise (medgen.denoising.correlated). `let`: add each strength's SURE-LET
+    candidate (`let_candidate`); off for Rician data, where SURE is only approximate: there its
+    extra freedom fitted the approximation (measured at Rician 0.10: -0.47 dB on a real T1, -0.13
+    on a real EPI against the blend grid, even restricted to the voxels SURE covers: -0.17/-0.05).
     """
     probe, eps = make_probe(y.shape, sigma, seed, correlation)
     yp = y + eps * probe
@@ -95,4 +116,49 @@ def select(
             tried.append(Candidate(c.strength, c.weight, c.risk, np.empty(0)))
             if c.risk < best.risk:
                 best = c
+        if not let:
+            continue
+        c = let_candidate(y, yp, f, fp, probe, eps, sigma, post, m, mask)
+        tried.append(Candidate(c.strength, c.weight, c.risk, np.empty(0), c.let))
+        if c.risk < best.risk:
+            best = c
     return best, tried
+
+
+def _let_components(z: np.ndarray, f: np.ndarray) -> list[np.ndarray]:
+    from scipy.ndimage import gaussian_filter
+
+    return [z, f, *(gaussian_filter(f, s, mode="nearest") for s in LET_SMOOTHING)]
+
+
+def let_candidate(
+    y: np.ndarray,
+    yp: np.ndarray,
+    f: np.ndarray,
+    fp: np.ndarray,
+    probe: np.ndarray,
+    eps: float,
+    sigma: float,
+    post: Callable[[np.ndarray], np.ndarray],
+    strength: float,
+    mask: np.ndarray | None = None,
+) -> Candidate:
+    """The SURE-optimal linear combination of the input and smoothed network outputs (f = network
+    at y, fp = at the probed yp). Minimising ||sum a_k c_k - y||^2 - N sigma^2 + 2 sigma^2 sum a_k d_k
+    gives (C^T C) a = C^T y - sigma^2 d. Fitting 4 weights on the scan itself biases SURE by
+    O(sigma^2 4/N), nothing over a volume. The weights are fitted before `post`; the risk reported
+    is SURE of the post-processed output, like every other candidate's."""
+    comps, comps_p = _let_components(y, f), _let_components(yp, fp)
+    pick = (lambda a: a[mask]) if mask is not None else (lambda a: a.ravel())
+    cs = [pick(c).astype(np.float64) for c in comps]
+    target = pick(y).astype(np.float64)
+    b = pick(probe).astype(np.float64)
+    k = len(cs)
+    gram = np.array([[float(cs[i] @ cs[j]) for j in range(k)] for i in range(k)])
+    div = np.array([float(b @ (pick(cp).astype(np.float64) - c)) / eps for cp, c in zip(comps_p, cs, strict=True)])
+    rhs = np.array([float(c @ target) for c in cs]) - sigma**2 * div
+    a = np.linalg.lstsq(gram, rhs, rcond=None)[0]  # lstsq: components can be near-collinear
+    g = post(sum(w * c for w, c in zip(a, comps, strict=True)).astype(np.float32))
+    gp = post(sum(w * c for w, c in zip(a, comps_p, strict=True)).astype(np.float32))
+    risk = sure(y, g, gp, probe, eps, sigma, mask)
+    return Candidate(strength, float(1.0 - a[0]), risk, g, tuple(float(w) for w in a))

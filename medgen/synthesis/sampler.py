@@ -52,27 +52,44 @@ def guided(
     cond: torch.Tensor | None,
     guidance: float,
     residuals: Residuals | None = None,
+    mask_guidance: float = 1.0,
 ) -> torch.Tensor:
     """The network's output, with classifier-free guidance when a condition is asked for:
     out_u + w (out_c - out_u), out_u seeing the empty condition `context` and out_c `cond`.
     w = 1 is the plain conditional model; w = 0 (or no condition) the unconditional one, which is
     then evaluated alone, so it is exactly the unconditional path. `residuals(z, t, context)`: a
-    ControlNet's additions, computed for each branch with that branch's context."""
+    ControlNet's additions, computed for each branch with that branch's context.
 
-    def run(x: torch.Tensor, tt: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+    `mask_guidance` m != 1 guides the label map too, as a second classifier-free term: the
+    unconditional output without the ControlNet, out_0, joins, and
+    out = out_0 + m (out_u - out_0) + w (out_c - out_u) (m = 1: exactly the above; one more
+    UNet pass per step)."""
+
+    def run(x: torch.Tensor, tt: torch.Tensor, ctx: torch.Tensor | None, res: Residuals | None) -> torch.Tensor:
         extra = {} if ctx is None else {"context": ctx}
-        if residuals is not None:
-            extra |= residuals(x, tt, ctx)
+        if res is not None:
+            extra |= res(x, tt, ctx)
         return unet(x, timesteps=tt, **extra)
 
-    if context is None:
-        return run(z, t, None)
-    if cond is None or guidance == 0:
-        return run(z, t, context)
-    if guidance == 1:
-        return run(z, t, cond)
-    out_u, out_c = run(torch.cat([z, z]), torch.cat([t, t]), torch.cat([context, cond])).chunk(2)
-    return out_u + guidance * (out_c - out_u)
+    def plain(res: Residuals | None) -> torch.Tensor:  # the branches of condition guidance
+        if context is None:
+            return run(z, t, None, res)
+        if cond is None or guidance == 0:
+            return run(z, t, context, res)
+        if guidance == 1:
+            return run(z, t, cond, res)
+        out_u, out_c = run(torch.cat([z, z]), torch.cat([t, t]), torch.cat([context, cond]), res).chunk(2)
+        return out_u + guidance * (out_c - out_u)
+
+    if residuals is None or mask_guidance == 1:
+        return plain(residuals)
+    if mask_guidance == 0:  # the ControlNet ignored: the plain generator, same draws
+        return plain(None)
+    out_0 = run(z, t, context, None)
+    if context is None or cond is None or guidance == 0:
+        return out_0 + mask_guidance * (plain(residuals) - out_0)
+    out_u, out_c = run(torch.cat([z, z]), torch.cat([t, t]), torch.cat([context, cond]), residuals).chunk(2)
+    return out_0 + mask_guidance * (out_u - out_0) + guidance * (out_c - out_u)
 
 
 @torch.no_grad()
@@ -85,6 +102,7 @@ def denoise_latents(
     cond: torch.Tensor | None = None,
     guidance: float = 1.0,
     control: tuple[ControlNetModel, torch.Tensor] | None = None,
+    mask_guidance: float = 1.0,
 ) -> torch.Tensor:
     """Reverse diffusion from noise `z`; `cond`: the [dim] condition vector of a conditioned model;
     `control`: a ControlNet and the one-hot label maps [B, K, X, Y, Z] it makes the sample follow."""
@@ -114,7 +132,9 @@ def denoise_latents(
     nexts = timesteps[1:] + [torch.zeros_like(timesteps[0])]
     for t, t_next in zip(timesteps, nexts):
         tt = torch.full((z.shape[0],), float(t) if sampler == "rflow" else int(t), device=device)
-        out = guided(gen.unet, z, tt if sampler == "rflow" else tt.long(), context, cond_b, guidance, residuals)
+        out = guided(
+            gen.unet, z, tt if sampler == "rflow" else tt.long(), context, cond_b, guidance, residuals, mask_guidance
+        )
         parts = []
         for b in range(z.shape[0]):
             if sampler == "rflow":
@@ -179,6 +199,7 @@ def generate(
     guidance: float = 1.0,
     labels: Any = None,
     controlnet: ControlNetModel | None = None,
+    mask_guidance: float = 1.0,
 ) -> list[Volume]:
     """`n` synthetic volumes, in memory, in the model's geometry (spacing, affine) and units.
 
@@ -196,12 +217,15 @@ def generate(
     follows the condition more strictly, 0 ignores it (the unconditional sample, same seed).
     `labels` with `controlnet`: a label map in model geometry (data.size), or one per sample, that
     each sample's anatomy follows; its values must be among the ControlNet's training labels.
+    `mask_guidance`: guidance on the label map (`guided`): 1 as trained, more follows it harder.
     """
     indices = list(range(n)) if indices is None else list(indices)
     if n < 1 or batch_size < 1 or steps < 1 or len(indices) != n or min(indices) < 0:
         raise ValueError("n, batch_size and steps must be >= 1, indices n non-negative sample numbers")
     if not (math.isfinite(guidance) and guidance >= 0):
         raise ConditionError(f"guidance {guidance}: must be a finite number >= 0 (1 = as trained, 0 = unconditional)")
+    if not (math.isfinite(mask_guidance) and mask_guidance >= 0):
+        raise ConditionError(f"mask guidance {mask_guidance}: must be a finite number >= 0 (1 = as trained)")
     cond = None
     if condition:
         if generator.conditions is None:
@@ -235,7 +259,7 @@ def generate(
         control = None
         if controlnet is not None and maps is not None:
             control = (controlnet, maps[start : start + len(idx)].to(dev))
-        z = denoise_latents(generator, z, gens, sampler, steps, cond, guidance, control)
+        z = denoise_latents(generator, z, gens, sampler, steps, cond, guidance, control, mask_guidance)
         images = decode(generator, z / generator.scale_factor, decode_roi).float().cpu().numpy()
         for i, img in zip(idx, images):
             data = generator.intensity.to_units(img[0]).astype(np.float32)
