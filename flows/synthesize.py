@@ -31,7 +31,7 @@ def generate_task(generator: str, indices: list[int], out: str, settings: dict, 
 def record_task(out: str, generator: str, entries: list[dict], settings: dict, cache_key: str) -> str:
     from medgen.synthesis.runs import SynthVolume, write_record
 
-    keep = ("sampler", "steps", "seed", "condition", "guidance", "controlnet")
+    keep = ("sampler", "steps", "seed", "condition", "guidance", "controlnet", "mask_guidance")
     write_record(out, generator, [SynthVolume(**e) for e in entries], **{k: settings[k] for k in keep})
     return out
 
@@ -88,6 +88,7 @@ def run_synthesize(config_path: str, generator: str, out: str | None = None) -> 
         "guidance": g.guidance,
         "labels": [str(f) for f in label_files(g.labels)] if g.labels else None,
         "controlnet": str(g.controlnet) if g.controlnet else None,
+        "mask_guidance": g.mask_guidance,
     }
     base = {
         "generator": model_folder_sha256(generator),

@@ -16,7 +16,7 @@ app = typer.Typer(
 
 class Frames(str, Enum):
     error = "error"
-    split = "split"
+    split = "split"  # type: ignore[assignment]  # a member named like str.split, as the CLI spells it
 
 
 class Localizers(str, Enum):
@@ -339,6 +339,13 @@ def generate(
             help="Classifier-free guidance weight: 1 as trained (default), more follows the condition harder, 0 ignores it.",
         ),
     ] = None,
+    mask_guidance: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="With --controlnet: guidance on the label map, 1 as trained (default: the config's, else 1), more follows it harder.",
+        ),
+    ] = None,
 ) -> None:
     """Generate synthetic volumes (NIfTI, model geometry and units) into a run folder for `medgen validate`."""
     from medgen.models.conditions import parse_condition_args
@@ -348,7 +355,10 @@ def generate(
     asked = parse_condition_args(condition) if condition else (g.condition if g else None)
     weight = guidance if guidance is not None else (g.guidance if g else 1.0)
     pair = (labels or (g.labels if g else None), controlnet or (g.controlnet if g else None))
-    _run_generate(model, n, out, chosen, steps or (g.steps if g else 50), seed, batch_size, device, asked, weight, pair)
+    m = mask_guidance if mask_guidance is not None else (g.mask_guidance if g else 1.0)
+    _run_generate(
+        model, n, out, chosen, steps or (g.steps if g else 50), seed, batch_size, device, asked, weight, pair, m
+    )
 
 
 def _run_generate(
@@ -363,6 +373,7 @@ def _run_generate(
     condition: dict | None = None,
     guidance: float = 1.0,
     pair: tuple[Path | None, Path | None] = (None, None),
+    mask_guidance: float = 1.0,
 ):
     import time
 
@@ -382,6 +393,7 @@ def _run_generate(
         guidance=guidance,
         labels=pair[0],
         controlnet=pair[1],
+        mask_guidance=mask_guidance,
     )
     seconds = time.perf_counter() - t0
     asked = f", condition {record.condition} at guidance {record.guidance:g}" if record.condition else ""

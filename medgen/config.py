@@ -219,6 +219,7 @@ class GenerateConfig(_Strict):
     # NIfTI label maps (model geometry, or any grid: resampled nearest): a file, a list, or a
     # folder of *_dseg.nii.gz; sample i follows map i mod k
     labels: Path | list[Path] | None = None
+    mask_guidance: float = Field(1.0, ge=0)  # guidance on the label map (1 = as trained, more follows it harder)
 
     @model_validator(mode="after")
     def _pairs(self) -> "GenerateConfig":

@@ -201,9 +201,16 @@ def pair_run(pairs, tmp_path_factory):
     nib.save(nib.Nifti1Image(mask, np.diag([4.0, 4, 4, 1])), root / "mask_dseg.nii.gz")
     run = root / "run"
     record = synthesize(
-        pairs["generator"], 2, run, steps=5, labels=root / "mask_dseg.nii.gz", controlnet=pairs["controlnet"]
+        pairs["generator"],
+        2,
+        run,
+        steps=5,
+        labels=root / "mask_dseg.nii.gz",
+        controlnet=pairs["controlnet"],
+        mask_guidance=2.0,
     )
     assert record.label_table == {"1": "lesion"} and all(v.label_file for v in record.volumes)
+    assert record.mask_guidance == 2.0
     verdict = validate_run(run, quality=QualityConfig.model_validate(LENIENT))
     return run, mask, verdict
 
@@ -227,6 +234,7 @@ def test_nifti_export_writes_image_and_dseg_pairs_on_one_grid(pair_run, tmp_path
     assert "## Utility" in (run / "quality" / "report.md").read_text()
     prov = json.loads((tmp_path / "nii" / f"{name}.provenance.json").read_text())
     assert prov["sampling"]["labels"]["table"] == {"1": "lesion"}
+    assert prov["sampling"]["labels"]["mask_guidance"] == 2.0
     assert f"{name}_dseg.nii.gz" in prov["export"]["files"]
 
 

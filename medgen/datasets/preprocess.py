@@ -85,6 +85,8 @@ def _compose(cfg: DataConfig):
     from monai import transforms as mt
 
     it = cfg.intensity
+    record: _RecordWindow | _RecordPercentiles
+    scale: mt.MapTransform
     if it.kind == "ct_window":
         record = _RecordWindow(it.lower, it.upper)
         scale = mt.ScaleIntensityRanged(

@@ -258,7 +258,7 @@ class _Net:
             return predict(x)[..., : shape[0], : shape[1], : shape[2]]
         from monai.inferers import sliding_window_inference
 
-        return sliding_window_inference(
+        out = sliding_window_inference(
             xt,
             roi_size=self.roi(shape),
             sw_batch_size=self.sw_batch,
@@ -267,6 +267,8 @@ class _Net:
             mode="gaussian",
             padding_mode="replicate",
         )
+        assert isinstance(out, torch.Tensor)  # a tensor predictor gives a tensor (MONAI also allows tuples, dicts)
+        return out
 
 
 def _tweedie(net: _Net, y: torch.Tensor, sigma: float, sched) -> torch.Tensor:

@@ -101,6 +101,7 @@ def _sidecar(
                 {
                     "sha256": entry.label_sha256,
                     "controlnet_sha256": record.controlnet_sha256,
+                    "mask_guidance": record.mask_guidance,
                     "table": record.label_table,
                 }
                 if entry.label_file

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from monai.networks.nets import AutoencoderKL
 
 from medgen.config import (
     AutoencoderConfig,
@@ -43,7 +46,7 @@ FORMAT_VERSION = 1
 @dataclass
 class Generator:
     path: Path
-    autoencoder: nn.Module
+    autoencoder: AutoencoderKL
     unet: nn.Module
     scale_factor: float
     autoencoder_cfg: AutoencoderNetworkConfig

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from monai.networks.nets import AutoencoderKL
 
 from medgen.config import AutoencoderConfig, AutoencoderNetworkConfig, DiffusionNetworkConfig, ScoreNetworkConfig
 
 
-def build_autoencoder(cfg: AutoencoderNetworkConfig) -> nn.Module:
+def build_autoencoder(cfg: AutoencoderNetworkConfig) -> AutoencoderKL:
     from monai.networks.nets import AutoencoderKL
 
     return AutoencoderKL(
@@ -106,7 +111,7 @@ class KLAutoencoderStep(nn.Module):
     keeps training reproducible and resumable, and one forward is what DDP can wrap.
     """
 
-    def __init__(self, autoencoder: nn.Module):
+    def __init__(self, autoencoder: AutoencoderKL):
         super().__init__()
         self.autoencoder = autoencoder
 
@@ -116,4 +121,5 @@ class KLAutoencoderStep(nn.Module):
 
 
 def latent_shape(cfg: AutoencoderNetworkConfig, size: tuple[int, int, int]) -> tuple[int, int, int, int]:
-    return (cfg.latent_channels, *(n // cfg.downsample for n in size))
+    d = cfg.downsample
+    return (cfg.latent_channels, size[0] // d, size[1] // d, size[2] // d)

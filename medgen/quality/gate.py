@@ -192,6 +192,7 @@ def assess(
             lo, hi = _robust_range(v)
             fg = float(fidelity.foreground(v).mean())
             w1 = fidelity.volume_w1(v, ref.train_values)
+            assert rz_all is not None  # this volume is among the good ones
             rz = float(rz_all[i])
             checks.update(
                 intensity_p0_5=lo,
@@ -239,8 +240,9 @@ def assess(
     if len(verdicts) == 0 or n_pass / len(verdicts) < gate.min_pass_fraction:
         reasons.append(f"{n_pass} of {len(verdicts)} volumes pass (< {gate.min_pass_fraction:.0%})")
     for key, limit in (("fid", gate.max_fid), ("kid", gate.max_kid)):
-        if limit is not None and real[key] is not None and real[key] > limit:
-            reasons.append(f"{key.upper()} {real[key]:.4g} > {limit:.4g}")
+        value = real[key]
+        if limit is not None and value is not None and value > limit:
+            reasons.append(f"{key.upper()} {value:.4g} > {limit:.4g}")
     d = div["synthetic_mean_pairwise_ms_ssim"]
     if gate.max_diversity_ms_ssim is not None and d is not None and d > gate.max_diversity_ms_ssim:
         reasons.append(f"mean pairwise MS-SSIM {d:.4f} > {gate.max_diversity_ms_ssim:.4f} (too little diversity)")

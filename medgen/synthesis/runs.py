@@ -48,6 +48,7 @@ class SynthesisRecord(BaseModel):
     guidance: float | None = None  # its classifier-free guidance weight
     controlnet: str | None = None  # the ControlNet the samples followed label maps with
     controlnet_sha256: str | None = None
+    mask_guidance: float | None = None  # guidance on the label maps (None: no ControlNet)
     label_table: dict[str, str] | None = None  # label value -> name, of the label maps
     created: str  # ISO-8601 UTC: the content date of exports
     code_version: dict[str, str | None]
@@ -69,6 +70,7 @@ def generate_volumes(
     guidance: float = 1.0,
     labels: str | Path | list | None = None,
     controlnet: str | Path | None = None,
+    mask_guidance: float = 1.0,
 ) -> list[SynthVolume]:
     """Generate samples `indices` of `seed` into OUT/volumes/ (each file atomically).
 
@@ -107,6 +109,7 @@ def generate_volumes(
         guidance=guidance,
         labels=label_map,
         controlnet=cn,
+        mask_guidance=mask_guidance,
     )
     entries = []
     for n, (i, vol) in enumerate(zip(indices, vols)):
@@ -167,6 +170,7 @@ def write_record(
     condition: dict[str, str | float] | None = None,
     guidance: float = 1.0,
     controlnet: str | Path | None = None,
+    mask_guidance: float = 1.0,
 ) -> SynthesisRecord:
     """The run's record, written last: a run folder with a record is complete."""
     generator = Path(generator).resolve()
@@ -185,6 +189,7 @@ def write_record(
         guidance=guidance if condition else None,
         controlnet=str(Path(controlnet).resolve()) if controlnet else None,
         controlnet_sha256=model_folder_sha256(controlnet) if controlnet else None,
+        mask_guidance=mask_guidance if controlnet else None,
         label_table=table,
         created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         code_version=code_version(),
@@ -235,12 +240,14 @@ def synthesize(
     guidance: float = 1.0,
     labels: str | Path | list | None = None,
     controlnet: str | Path | None = None,
+    mask_guidance: float = 1.0,
 ) -> SynthesisRecord:
     """Generate `n` volumes into the run folder `out` and write its record (synthesis.json), the
     input of `validate_run` and `export_run`. For volumes in memory only, use `medgen.generate`.
     `condition`/`guidance`: as in `medgen.generate`, for a conditioned generator. `labels` (a NIfTI
     label map) with `controlnet` (RUN/controlnet): every sample follows that map, which is written
-    beside it (labels/synthetic_NNNN_dseg.nii.gz) and exported with it as a pair."""
+    beside it (labels/synthetic_NNNN_dseg.nii.gz) and exported with it as a pair; `mask_guidance`:
+    as in `medgen.generate`."""
     sampler = model_sampler(generator, sampler, steps)
     condition = model_condition(generator, condition)
     entries = generate_volumes(
@@ -257,6 +264,7 @@ def synthesize(
         guidance=guidance,
         labels=labels,
         controlnet=controlnet,
+        mask_guidance=mask_guidance,
     )
     return write_record(
         out,
@@ -268,6 +276,7 @@ def synthesize(
         condition=condition,
         guidance=guidance,
         controlnet=controlnet,
+        mask_guidance=mask_guidance,
     )
 
 

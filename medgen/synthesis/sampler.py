@@ -38,7 +38,9 @@ def decode(gen: Generator, z: torch.Tensor, roi: tuple[int, int, int] | None = N
     from monai.inferers import sliding_window_inference
 
     # Windows need context: keep `roi` at >= ~3/4 of the latent or >= 24 latent voxels per axis.
-    return sliding_window_inference(z, roi_size=roi, sw_batch_size=1, predictor=ae.decode, overlap=0.5, mode="gaussian")
+    out = sliding_window_inference(z, roi_size=roi, sw_batch_size=1, predictor=ae.decode, overlap=0.5, mode="gaussian")
+    assert isinstance(out, torch.Tensor)  # a tensor predictor gives a tensor (MONAI also allows tuples, dicts)
+    return out
 
 
 Residuals = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], dict[str, Any]]

@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from monai.networks.nets import AutoencoderKL
 
 from medgen.config import PipelineConfig
 from medgen.datasets.prepared import manifest_items, prepare
@@ -41,7 +45,7 @@ def kl_loss(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_metrics(
-    ae: nn.Module, images: torch.Tensor, device: torch.device, data_range: float
+    ae: AutoencoderKL, images: torch.Tensor, device: torch.device, data_range: float
 ) -> dict[str, float]:
     """PSNR and SSIM (MONAI metrics) of deterministic reconstructions (decode of the latent mean)."""
     from monai.metrics import PSNRMetric, SSIMMetric
@@ -56,7 +60,7 @@ def reconstruction_metrics(
 
 
 @torch.no_grad()
-def latent_scale_factor(ae: nn.Module, images: torch.Tensor, device: torch.device) -> float:
+def latent_scale_factor(ae: AutoencoderKL, images: torch.Tensor, device: torch.device) -> float:
     """1 / std of the latent means over the training volumes (so diffusion sees unit-variance latents)."""
     z = torch.cat([ae.encode(x.to(device))[0].float().cpu() for x in images.split(1)])
     return float(1.0 / z.std().clamp_min(1e-6))

@@ -161,7 +161,7 @@ def train_controlnet(
     out = run_dir / CONTROLNET_DIR
     if final < ccfg.train.steps or not d.is_main:
         return out
-    weights = part.ema if part.ema is not None else unwrap(model).state_dict()
+    final_state = part.ema if part.ema is not None else unwrap(model).state_dict()
     return save_controlnet(
         out,
         generator_sha256=generator_sha,
@@ -169,7 +169,7 @@ def train_controlnet(
         table=table,
         embedding=ccfg.embedding_channels,
         scale=ccfg.conditioning_scale,
-        state={k: v.detach().cpu() for k, v in weights.items()},
+        state={k: v.detach().cpu() for k, v in final_state.items()},
         provenance={
             "train_items": [{"scan_id": i["scan_id"], "sha256": i["sha256"]} for i in items],
             "config_name": cfg.name,

@@ -181,12 +181,13 @@ class Trainer:
         self.step = 0
         self.nan_count = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._writer = None
+        self._writer: Any = None  # a SummaryWriter once opened, False where tensorboard is missing
 
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
+        np_state = np.random.get_state(legacy=True)
+        assert isinstance(np_state, tuple)  # legacy: (name, keys, pos, has_gauss, gauss)
         return {
             "step": self.step,
             "nan_count": self.nan_count,

@@ -135,10 +135,10 @@ def check_stack(
         ratio = steps[i] / median
         a, b = labels[order[i]], labels[order[i + 1]]
         if abs(ratio - round(ratio)) * median <= tol and round(ratio) >= 2:
-            missing = int(sum(round(s / median) - 1 for s in steps[off]))
+            n_missing = int(sum(round(s / median) - 1 for s in steps[off]))
             raise MissingSliceError(
                 where,
-                f"{missing} slice(s) missing: gap of {steps[i]:.3f} mm between {_name(a)} and {_name(b)} "
+                f"{n_missing} slice(s) missing: gap of {steps[i]:.3f} mm between {_name(a)} and {_name(b)} "
                 f"where the series steps {median:.3f} mm",
             )
         raise NonUniformSpacingError(

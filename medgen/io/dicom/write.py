@@ -114,7 +114,7 @@ def write_series(
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
     modality = (modality or volume.meta.modality).upper()
     if modality not in SOP_CLASS:
@@ -146,7 +146,7 @@ def write_series(
         **(patient or {}),
     }
 
-    def uid(role: str) -> str:
+    def uid(role: str) -> UID:
         return generate_uid(entropy_srcs=[uid_seed, role]) if uid_seed else generate_uid()
 
     study_uid = study_uid or uid("study")
@@ -161,7 +161,7 @@ def write_series(
     for k in range(volume.shape[2]):
         sop_uid = uid(f"sop{k}")
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = SOP_CLASS[modality]
+        meta.MediaStorageSOPClassUID = UID(SOP_CLASS[modality])
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = pydicom.Dataset()
