@@ -79,6 +79,18 @@ def test_sure_of_the_network_tracks_its_true_error_on_a_phantom(noisy_phantom):
     assert r.risk.gain_db > 3 and true < sigma**2 / 2
 
 
+def test_sure_let_mixes_the_network_at_every_strength_asked_for(noisy_phantom):
+    """strengths=(0.6, 1): SURE-LET mixes both outputs (measured 14 % less true error than strength
+    1 alone on this phantom, SURE within 3 % of it), and says which it used."""
+    clean, noisy, sigma = noisy_phantom
+    one = denoise_detailed(noisy, sigma=sigma, device="cpu")
+    two = denoise_detailed(noisy, sigma=sigma, device="cpu", strengths=(0.6, 1.0))
+    err = [float(np.mean((r.volume.data - clean) ** 2)) for r in (one, two)]
+    assert err[1] < 0.95 * err[0], err
+    assert two.risk is not None and "SURE-LET over strength 0.6, 1" in two.risk.how
+    assert abs(two.risk.mse_output - err[1]) / err[1] < 0.1
+
+
 def test_tuned_output_is_never_worse_than_the_input_on_what_the_model_never_saw(noisy_phantom):
     """White texture (no anatomy at all): the prior would smooth it away; the tuned output must
     not be worse than the noisy input, and SURE must say so."""
