@@ -49,7 +49,9 @@ def stage_keys(config_path: str, manifest: str, run_dir: str) -> dict[str, str]:
         }
     )
     table = None
-    if cfg.covariates is not None:  # a conditioned model's conditions: the table's content counts too
+    if cfg.covariates is not None and cfg.covariates.table is not None:
+        # a conditioned model's conditions: the table's content counts too (geometry columns come
+        # from the manifest, whose items the key already holds)
         t = cfg.covariates.table
         t = t if t.is_absolute() else Path(manifest).parent / t
         table = t.read_text(errors="replace") if t.is_file() else str(t)

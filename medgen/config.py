@@ -303,6 +303,9 @@ class CovariateColumn(_Strict):
     range: tuple[float, float] | None = None
     missing: Literal["error", "drop", "impute"] = "error"
     fill: str | None = None  # the level a missing categorical cell becomes with missing: impute
+    # where the value comes from: the table, or the scan's own geometry in the manifest (its native
+    # voxel spacing in mm along one axis, or the largest: slice thickness, for most stacks)
+    source: Literal["table", "spacing_x", "spacing_y", "spacing_z", "spacing_max"] = "table"
 
     @model_validator(mode="after")
     def _check(self) -> "CovariateColumn":
@@ -318,6 +321,8 @@ class CovariateColumn(_Strict):
                 raise ValueError(f"continuous column {self.name!r} needs a range [low, high] with low < high")
             if self.levels is not None:
                 raise ValueError(f"continuous column {self.name!r} takes a range, not levels")
+        if self.source != "table" and self.kind != "continuous":
+            raise ValueError(f"column {self.name!r}: {self.source} is a number; declare it kind: continuous")
         return self
 
 
@@ -325,7 +330,7 @@ class CovariatesConfig(_Strict):
     """Where the table is and what it holds. key: 'participant' (a BIDS participant_id, sub-XX,
     matched through the ingest salt) or 'scan' (a manifest scan_id or source path per row)."""
 
-    table: Path
+    table: Path | None = None  # needed unless every column comes from the scans' geometry
     key: Literal["participant", "scan"] = "participant"
     key_column: str = "participant_id"
     columns: list[CovariateColumn] = Field(min_length=1)
@@ -337,6 +342,8 @@ class CovariatesConfig(_Strict):
             raise ValueError("covariates.columns: a column is declared twice")
         if self.key_column in names:
             raise ValueError("covariates.key_column cannot also be a covariate")
+        if self.table is None and any(c.source == "table" for c in self.columns):
+            raise ValueError("covariates.table is needed: a column is read from the table (source: table)")
         return self
 
 

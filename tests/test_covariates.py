@@ -153,3 +153,56 @@ def test_cli_writes_covariates_beside_the_manifest_and_reports_a_bad_table(bids)
     assert (manifest.parent / "covariates.csv").read_text().count("\n") == 5
     t.write_text("participant_id\tsex\tage\nsub-00\tQ\t70\n")
     assert main(["covariates", "-c", str(root / "c.yaml"), "-m", str(manifest)]) == 1
+
+
+@pytest.fixture(scope="module")
+def spaced(tmp_path_factory):
+    """Three subjects scanned at different voxel spacings (1, 3 and 2 mm along the thickest axis)."""
+    import nibabel as nib
+
+    from medgen import ingest
+
+    root = tmp_path_factory.mktemp("spacing")
+    rng = np.random.default_rng(1)
+    for i, sp in enumerate([(1.0, 1.0, 1.0), (1.0, 1.0, 3.0), (2.0, 2.0, 2.0)]):
+        d = root / "src" / f"sub-{i:02d}" / "anat"
+        d.mkdir(parents=True)
+        img = nib.Nifti1Image(rng.random((12, 12, 10)).astype(np.float32) + 1, np.diag([*sp, 1.0]))
+        nib.save(img, d / f"sub-{i:02d}_T1w.nii.gz")
+    report = ingest(root / "src", root / "ing")
+    assert len(report.accepted) == 3
+    return root, report.manifest_path
+
+
+def test_spacing_columns_come_from_each_scans_geometry_with_or_without_a_table(spaced):
+    root, manifest = spaced
+    geo = [
+        {"name": "thickness", "kind": "continuous", "range": [0.5, 5], "source": "spacing_max"},
+        {"name": "dx", "kind": "continuous", "range": [0.5, 5], "source": "spacing_x"},
+    ]
+    alone = load_covariates(CovariatesConfig.model_validate({"columns": geo}), manifest)
+    assert sorted((v["thickness"], v["dx"]) for v in alone.values.values()) == [(1.0, 1.0), (2.0, 2.0), (3.0, 1.0)]
+    t = table(root, "participant_id\tsex\nsub-00\tF\nsub-01\tM\nsub-02\tF\n")
+    both = load_covariates(cfg(t, [SEX_AGE[0], geo[0]]), manifest)
+    assert sorted((v["sex"], v["thickness"]) for v in both.values.values()) == [("F", 1.0), ("F", 2.0), ("M", 3.0)]
+
+
+def test_a_spacing_outside_its_declared_range_names_the_scan(spaced):
+    _, manifest = spaced
+    col = {"name": "thickness", "kind": "continuous", "range": [0.5, 2.5], "source": "spacing_max"}
+    with pytest.raises(CovariateError, match=r"spacing_max of spacing 1x1x3.*thickness=3.0 is outside"):
+        load_covariates(CovariatesConfig.model_validate({"columns": [col]}), manifest)
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"columns": [{"name": "t", "kind": "categorical", "levels": ["a"], "source": "spacing_z"}]}, "continuous"),
+        ({"columns": [{"name": "age", "kind": "continuous", "range": [0, 1]}]}, "covariates.table is needed"),
+    ],
+)
+def test_geometry_declarations_are_checked(raw, match):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=match):
+        CovariatesConfig.model_validate(raw)

@@ -84,20 +84,39 @@ def _parse(value: str, col: CovariateColumn, where: str) -> str | float | None:
     return x
 
 
+def _geometry(row: dict[str, str], source: str) -> str:
+    """The manifest's native spacing ('2x2x3', mm) as the cell a geometry column reads ('' if none)."""
+    try:
+        spacing = [float(x) for x in (row.get("spacing") or "").split("x")]
+    except ValueError:
+        return ""
+    if len(spacing) != 3:
+        return ""
+    return repr(max(spacing) if source == "spacing_max" else spacing["xyz".index(source[-1])])
+
+
 def load_covariates(cfg: CovariatesConfig, manifest: str | Path, salt: str | None = None) -> CovariateTable:
-    """Validate cfg.table against the declaration and join it to the manifest's accepted scans.
+    """Validate cfg.table against the declaration and join it to the manifest's accepted scans;
+    columns with a geometry `source` are read from each scan's manifest row instead (spacing).
     `salt`: the ingest salt (default: the ingest folder's, as ingestion found it)."""
     from medgen.io.manifest import read_rows
 
     manifest = Path(manifest)
+    scans = [r for r in read_rows(manifest) if r["status"] == "accepted"]
+    from_table = [c for c in cfg.columns if c.source == "table"]
+    parsed: dict[str, dict[str, str | float | None]] = {}
+    origin: dict[str, str] = {}
+    if cfg.table is None:  # every column is the scans' own geometry (the config checks it)
+        for r in scans:
+            parsed[r["scan_id"]], origin[r["scan_id"]] = {}, f"manifest row of {r['scan_id']}"
+        return _complete(cfg, manifest, manifest, scans, parsed, origin, [])
     path = cfg.table if cfg.table.is_absolute() else manifest.parent / cfg.table
     if not path.is_file() and cfg.table.is_file():
         path = cfg.table
     header, rows = _read_table(path)
-    missing = [c for c in [cfg.key_column, *(c.name for c in cfg.columns)] if c not in header]
+    missing = [c for c in [cfg.key_column, *(c.name for c in from_table)] if c not in header]
     if missing:
         raise CovariateError(f"{path}: declared column(s) not in the table: {', '.join(missing)} (it has {header})")
-    scans = [r for r in read_rows(manifest) if r["status"] == "accepted"]
     if cfg.key == "participant":
         from medgen.io.pseudonyms import BIDS_SUBJECT, ingest_salt, subject_id
 
@@ -122,8 +141,6 @@ def load_covariates(cfg: CovariatesConfig, manifest: str | Path, salt: str | Non
         def scans_of(key: str, where: str) -> list[str]:
             return [index[key]] if key in index else []
 
-    parsed: dict[str, dict[str, str | float | None]] = {}
-    origin: dict[str, str] = {}
     seen: dict[str, int] = {}
     unmatched = []
     for line, row in enumerate(rows, start=2):
@@ -134,13 +151,32 @@ def load_covariates(cfg: CovariatesConfig, manifest: str | Path, salt: str | Non
         if key in seen:
             raise CovariateError(f"{where}: {cfg.key_column}={key!r} appears twice (first on line {seen[key]})")
         seen[key] = line
-        cells = {c.name: _parse(row[c.name], c, where) for c in cfg.columns}
+        cells = {c.name: _parse(row[c.name], c, where) for c in from_table}
         ids = scans_of(key, where)
         if not ids:
             unmatched.append(key)
         for sid in ids:
-            parsed[sid] = cells
+            parsed[sid] = dict(cells)
             origin[sid] = f"line {line} ({key})"
+    return _complete(cfg, manifest, path, scans, parsed, origin, unmatched)
+
+
+def _complete(
+    cfg: CovariatesConfig,
+    manifest: Path,
+    path: Path,
+    scans: list[dict[str, str]],
+    parsed: dict[str, dict[str, str | float | None]],
+    origin: dict[str, str],
+    unmatched: list[str],
+) -> CovariateTable:
+    """Geometry columns read from each scan's manifest row, then missing values as each column says."""
+    for r in scans:
+        if r["scan_id"] in parsed:
+            for c in cfg.columns:
+                if c.source != "table":
+                    where = f"{manifest}: scan {r['scan_id']} ({c.source} of spacing {r.get('spacing') or 'unknown'})"
+                    parsed[r["scan_id"]][c.name] = _parse(_geometry(r, c.source), c, where)
     # missing values, as each column says; a continuous 'impute' takes the median of what is present
     medians = {}
     for c in cfg.columns:
