@@ -246,6 +246,16 @@ ingest(sys.argv[1], sys.argv[2], force=True)
 """
 
 
+def _written_since(folder: Path, start_ns: int) -> int:
+    n = 0
+    for f in folder.glob("scan-*.nii.gz"):
+        try:
+            n += f.stat().st_mtime_ns >= start_ns
+        except FileNotFoundError:  # replaced or removed between the listing and the look
+            pass
+    return n
+
+
 def test_kill_9_during_ingest_leaves_a_manifest_that_matches_its_volumes(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     rng = np.random.default_rng(1)
@@ -257,16 +267,23 @@ def test_kill_9_during_ingest_leaves_a_manifest_that_matches_its_volumes(tmp_pat
     for i in range(n):  # every scan changes shape: a re-run rewrites every volume
         nib.save(nib.Nifti1Image(rng.random((64, 64, 48), dtype=np.float32), np.eye(4)), src / f"s{i}.nii.gz")
     interrupted = 0
-    for delay in (0.9, 1.4, 1.9, 2.6):
+    # kill after the k-th volume of this run lands, not after a fixed delay: how long the import and
+    # each conversion take varies with the machine's load (fixed delays once all missed)
+    for k in (1, 4, 8, 12):
+        start = time.time_ns()
         p = subprocess.Popen([sys.executable, "-c", KILL_INGEST, str(src), str(out)])
-        time.sleep(delay)
+        deadline = time.monotonic() + 120
+        while p.poll() is None and time.monotonic() < deadline:
+            if _written_since(out / "volumes", start) >= k:
+                break
+            time.sleep(0.005)
         p.send_signal(signal.SIGKILL)
         p.wait()
         rows = read_manifest(out / "manifest.csv").to_dict("records")
         interrupted += len(rows) < n
         for r in rows:
             img = nib.load(out / r["output_path"])
-            assert "x".join(map(str, img.shape)) == r["shape"], (delay, r["scan_id"])
+            assert "x".join(map(str, img.shape)) == r["shape"], (k, r["scan_id"])
     assert interrupted, "no kill landed during conversion: the test proved nothing"
     report = ingest(src, out)
     assert len(report.accepted) == n and {r["shape"] for r in report.accepted} == {"64x64x48"}
