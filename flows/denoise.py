@@ -37,6 +37,7 @@ def run_denoise(config_path: str, out: str | None = None) -> list[dict]:
     cfg = config(config_path)
     cfg.require("denoise")
     job = cfg.denoise
+    assert job is not None  # require() refused a config without it
     out_dir = Path(out or job.out)
     model = job.model or default_model_path()
     settings = {

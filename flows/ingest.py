@@ -42,6 +42,7 @@ def run_ingest(config_path: str) -> dict:
     cfg = config(config_path)
     cfg.require("ingest")
     ing = cfg.ingest
+    assert ing is not None  # require() refused a config without it
     io = io_retries(cfg)
     if cfg.sample_data is not None:
         sample_data_task.with_options(**io)(str(cfg.sample_data))

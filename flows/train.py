@@ -36,6 +36,7 @@ def stage_keys(config_path: str, manifest: str, run_dir: str) -> dict[str, str]:
     cfg = config(config_path)
     cfg.require("data", "autoencoder", "diffusion")
     data = cfg.data
+    assert data is not None  # require() refused a config without it
     items = {
         "train": [(i["scan_id"], i["sha256"]) for i in manifest_items(manifest, data)],
         "val": [(i["scan_id"], i["sha256"]) for i in manifest_items(manifest, data, data.val_splits)],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 
-def manifest_items(manifest: str | Path, cfg: DataConfig, splits: list[str] | None = None) -> list[dict]:
+def manifest_items(manifest: str | Path, cfg: DataConfig, splits: Sequence[str] | None = None) -> list[dict]:
     """Accepted rows of the wanted splits/modality/sources, as {'image', 'sha256', 'scan_id'} items."""
     manifest = Path(manifest)
     rows = read_rows(manifest)

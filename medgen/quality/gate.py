@@ -192,7 +192,7 @@ def assess(
             lo, hi = _robust_range(v)
             fg = float(fidelity.foreground(v).mean())
             w1 = fidelity.volume_w1(v, ref.train_values)
-            assert rz_all is not None  # this volume is among the good ones
+            assert rz_all is not None and ncc is not None and cos is not None  # it is among the good ones
             rz = float(rz_all[i])
             checks.update(
                 intensity_p0_5=lo,

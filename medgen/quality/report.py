@@ -191,10 +191,10 @@ def montage(
     fig, axes = plt.subplots(max(rows, 1), 6, figsize=(12.6, 2.2 * max(rows, 1)), squeeze=False)
     shown = None
     for r in range(rows):
-        pics = _mid_slices(np.nan_to_num(volumes[r])) + (
-            _mid_slices(neighbours[r]) if neighbours[r] is not None else [None] * 3
-        )
-        outlines = _mid_slices(labels[r]) if labels is not None and labels[r] is not None else [None] * 3
+        near, lab = neighbours[r], labels[r] if labels is not None else None
+        pics: list[np.ndarray | None] = [*_mid_slices(np.nan_to_num(volumes[r]))]
+        pics += _mid_slices(near) if near is not None else [None] * 3
+        outlines: list[np.ndarray | None] = [*_mid_slices(lab)] if lab is not None else [None] * 3
         for c, img in enumerate(pics):
             ax = axes[r][c]
             ax.set_xticks([])
@@ -203,10 +203,11 @@ def montage(
                 side.set_visible(False)
             if img is not None:
                 shown = ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-                if c < 3 and outlines[c] is not None and outlines[c].any():
-                    values = sorted(int(v) for v in np.unique(outlines[c]) if v > 0)
+                line = outlines[c] if c < 3 else None
+                if line is not None and line.any():
+                    values = sorted(int(v) for v in np.unique(line) if v > 0)
                     for k, v in enumerate(values):
-                        ax.contour(outlines[c] == v, levels=[0.5], linewidths=0.6, colors=[f"C{k % 10}"])
+                        ax.contour(line == v, levels=[0.5], linewidths=0.6, colors=[f"C{k % 10}"])
             if r == 0:
                 ax.set_xlabel(PLANES[c % 3], fontsize=7)
                 ax.xaxis.set_label_position("top")

@@ -94,7 +94,9 @@ def dice_per_label(pred: np.ndarray, truth: np.ndarray, values: list[int]) -> di
     p = torch.nn.functional.one_hot(_classes(pred, values), len(values) + 1).permute(0, 4, 1, 2, 3).float()
     t = torch.nn.functional.one_hot(_classes(truth, values), len(values) + 1).permute(0, 4, 1, 2, 3).float()
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    per = metric(p, t).numpy()  # [N, K], NaN where the label is in neither
+    dice = metric(p, t)
+    assert isinstance(dice, torch.Tensor)
+    per = dice.numpy()  # [N, K], NaN where the label is in neither
     out: dict[str, float | None] = {}
     for k, v in enumerate(values):
         col = per[:, k]

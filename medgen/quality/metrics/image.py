@@ -40,17 +40,23 @@ def _t(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.reshape(1, 1, *t.shape[-3:]) if t.ndim == 3 else t
 
 
+def _value(out) -> float:
+    """A MONAI metric's result as a float (its call is typed to return tensors or lists of them)."""
+    assert isinstance(out, torch.Tensor)
+    return float(out.mean())
+
+
 def psnr(pred: np.ndarray, ref: np.ndarray, data_range: float = 1.0) -> float:
     from monai.metrics import PSNRMetric
 
-    return float(PSNRMetric(max_val=data_range)(_t(pred), _t(ref)).mean())
+    return _value(PSNRMetric(max_val=data_range)(_t(pred), _t(ref)))
 
 
 def ssim(pred: np.ndarray, ref: np.ndarray, data_range: float = 1.0) -> float:
     from monai.metrics import SSIMMetric
 
     win = max(3, min(7, min(np.shape(ref)[-3:]) // 2 * 2 - 1))
-    return float(SSIMMetric(spatial_dims=3, data_range=data_range, win_size=win)(_t(pred), _t(ref)).mean())
+    return _value(SSIMMetric(spatial_dims=3, data_range=data_range, win_size=win)(_t(pred), _t(ref)))
 
 
 def ms_ssim(pred: np.ndarray, ref: np.ndarray, data_range: float = 1.0) -> float:
@@ -58,13 +64,13 @@ def ms_ssim(pred: np.ndarray, ref: np.ndarray, data_range: float = 1.0) -> float
 
     p = ms_ssim_params(np.shape(ref)[-3:])
     metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=data_range, kernel_size=p.kernel_size, weights=p.weights)
-    return float(metric(_t(pred), _t(ref)).mean())
+    return _value(metric(_t(pred), _t(ref)))
 
 
 def mae(pred: np.ndarray, ref: np.ndarray) -> float:
     from monai.metrics import MAEMetric
 
-    return float(MAEMetric()(_t(pred), _t(ref)).mean())
+    return _value(MAEMetric()(_t(pred), _t(ref)))
 
 
 def paired_metrics(pred: np.ndarray, ref: np.ndarray, data_range: float = 1.0) -> dict[str, float]:
