@@ -73,6 +73,11 @@ def guided(
             extra |= res(x, tt, ctx)
         return unet(x, timesteps=tt, **extra)
 
+    def both(res: Residuals | None) -> tuple[torch.Tensor, torch.Tensor]:  # (out_u, out_c), one batched pass
+        assert context is not None and cond is not None
+        out_u, out_c = run(torch.cat([z, z]), torch.cat([t, t]), torch.cat([context, cond]), res).chunk(2)
+        return out_u, out_c
+
     def plain(res: Residuals | None) -> torch.Tensor:  # the branches of condition guidance
         if context is None:
             return run(z, t, None, res)
@@ -80,7 +85,7 @@ def guided(
             return run(z, t, context, res)
         if guidance == 1:
             return run(z, t, cond, res)
-        out_u, out_c = run(torch.cat([z, z]), torch.cat([t, t]), torch.cat([context, cond]), res).chunk(2)
+        out_u, out_c = both(res)
         return out_u + guidance * (out_c - out_u)
 
     if residuals is None or mask_guidance == 1:
@@ -90,7 +95,7 @@ def guided(
     out_0 = run(z, t, context, None)
     if context is None or cond is None or guidance == 0:
         return out_0 + mask_guidance * (plain(residuals) - out_0)
-    out_u, out_c = run(torch.cat([z, z]), torch.cat([t, t]), torch.cat([context, cond]), residuals).chunk(2)
+    out_u, out_c = both(residuals)
     return out_0 + mask_guidance * (out_u - out_0) + guidance * (out_c - out_u)
 
 
