@@ -389,6 +389,8 @@ class UtilityConfig(_Strict):
     lr: float = Field(3e-3, gt=0)
     channels: Channels = (8, 16, 32)
     seed: int = 0
+    # real + synthetic: the share of real pairs in each batch (None: pooled, each pair equally likely)
+    real_fraction: float | None = Field(0.5, gt=0, lt=1)
     min_synthetic_to_real: float | None = Field(None, ge=0)  # Dice(synthetic-trained) / Dice(real-trained)
     min_mask_adherence: float | None = Field(None, ge=0, le=1)  # mean Dice of samples against their asked maps
     min_condition_accuracy: float | None = Field(None, ge=0, le=1)  # on synthetic, for a categorical condition

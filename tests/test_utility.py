@@ -72,3 +72,18 @@ def test_a_condition_the_images_show_is_read_back_and_a_wrong_one_is_not():
     aged = np.stack([0.2 + 0.01 * (a - 20) + rng.normal(0, 0.02, (16, 16, 16)) for a in ages]).astype(np.float32)
     cont = condition_fidelity(aged, ages, aged[:4], ages[:4], aged[4:8], ages[4:8], "continuous", None, CFG)
     assert cont["metric"] == "mae" and cont["heldout_real"] < 10 and cont["synthetic"] < 10
+
+
+def test_real_plus_synthetic_keeps_the_real_pairs_in_every_batch():
+    """Four times as many synthetic pairs as real ones, and bad ones (each image with another's
+    map): pooled, they crowd the real pairs out and the real + synthetic net loses most of what the
+    real pairs teach; mixed at half real per batch (the default), it keeps more of it (measured:
+    Dice 0.98 real alone, 0.82 pooled, 0.95 mixed)."""
+    real, test = lesion_pairs(8, 0), lesion_pairs(6, 1)
+    many = lesion_pairs(32, 2)
+    shuffled = Pairs(many.images, np.roll(many.labels, 1, axis=0).copy())
+    pooled = segmentation_utility(real, shuffled, test, [2], CFG.model_copy(update={"real_fraction": None}))
+    mixed = segmentation_utility(real, shuffled, test, [2], CFG)
+    assert mixed["real_fraction"] == 0.5 and pooled["real_fraction"] is None
+    assert mixed["dice_real+synthetic"]["2"] > pooled["dice_real+synthetic"]["2"] + 0.05, (mixed, pooled)
+    assert mixed["dice_real+synthetic"]["2"] > mixed["dice_real"]["2"] - 0.1

@@ -136,7 +136,12 @@ def utility_markdown(u: dict) -> list[str]:
         values = seg["values"]
         lines += [
             f"Segmentation Dice on {seg['n_real_test']} held-out real pairs of a small UNet trained for "
-            f"{seg['steps']} steps on {seg['n_real_train']} real and/or {seg['n_synthetic']} synthetic pairs:",
+            f"{seg['steps']} steps on {seg['n_real_train']} real and/or {seg['n_synthetic']} synthetic pairs"
+            + (
+                f" (real + synthetic: {seg['real_fraction']:.0%} real in each batch):"
+                if seg.get("real_fraction")
+                else ":"
+            ),
             "",
             "| trained on | " + " | ".join(f"label {v}" for v in values) + " |",
             "|---|" + "---|" * len(values),

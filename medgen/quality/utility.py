@@ -51,8 +51,11 @@ def _classes(labels: np.ndarray, values: list[int]) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def train_segmenter(pairs: Pairs, values: list[int], cfg: UtilityConfig) -> torch.nn.Module:
-    """A small UNet (DiceCE loss) trained on `pairs` for cfg.steps steps, seeded."""
+def train_segmenter(pairs: Pairs, values: list[int], cfg: UtilityConfig, n_real: int | None = None) -> torch.nn.Module:
+    """A small UNet (DiceCE loss) trained on `pairs` for cfg.steps steps, seeded. With `n_real`
+    (the first n_real pairs are real, the rest synthetic) each batch item is real with probability
+    cfg.real_fraction: pooled uniformly, a synthetic set several times the real one would crowd the
+    real pairs out of training (the way synthetic data is used in practice is at a fixed mix)."""
     from monai.losses import DiceCELoss
 
     g = torch.Generator().manual_seed(cfg.seed)
@@ -63,8 +66,15 @@ def train_segmenter(pairs: Pairs, values: list[int], cfg: UtilityConfig) -> torc
     x_all = torch.from_numpy(pairs.images[:, None].astype(np.float32))
     y_all = _classes(pairs.labels, values)[:, None]
     net.train()
+    mixed = n_real is not None and cfg.real_fraction is not None and 0 < n_real < len(x_all)
     for _ in range(cfg.steps):
         idx = torch.randint(0, len(x_all), (min(cfg.batch_size, len(x_all)),), generator=g)
+        if mixed:
+            assert n_real is not None and cfg.real_fraction is not None
+            real = torch.rand(len(idx), generator=g) < cfg.real_fraction
+            from_real = torch.randint(0, n_real, idx.shape, generator=g)
+            from_synth = torch.randint(n_real, len(x_all), idx.shape, generator=g)
+            idx = torch.where(real, from_real, from_synth)
         x, y = x_all[idx], y_all[idx]
         flip = torch.rand(3, generator=g) < 0.5  # the only augmentation: flips, the same for image and map
         dims = [d + 2 for d in range(3) if flip[d]]
@@ -119,9 +129,11 @@ def segmentation_utility(
     )
     out: dict = {"values": [str(v) for v in values], "n_real_train": len(real_train.images)}
     out |= {"n_synthetic": len(synthetic.images), "n_real_test": len(real_test.images), "steps": cfg.steps}
+    out["real_fraction"] = cfg.real_fraction
     nets = {}
     for name, pairs in (("real", real_train), ("synthetic", synthetic), ("real+synthetic", both)):
-        nets[name] = train_segmenter(pairs, values, cfg)
+        n_real = len(real_train.images) if name == "real+synthetic" else None
+        nets[name] = train_segmenter(pairs, values, cfg, n_real)
         out[f"dice_{name}"] = dice_per_label(segment(nets[name], real_test.images, values), real_test.labels, values)
     real, synth = mean_dice(out["dice_real"]), mean_dice(out["dice_synthetic"])
     out["synthetic_to_real"] = synth / real if real and synth is not None else None
