@@ -52,7 +52,7 @@ class Candidate:
     output: np.ndarray
     let: tuple[float, ...] | None = None  # SURE-LET: weights of (input, output per strength, smoothings), band mean
     let_strengths: tuple[float, ...] = ()  # SURE-LET: the strengths whose outputs it mixes
-    let_bands: int = 1  # SURE-LET: intensity bands with weights of their own
+    let_bands: int = 1  # SURE-LET: bands (intensity x flat/edge) with weights of their own
 
     def describe(self) -> str:
         if self.let is None:
@@ -161,8 +161,8 @@ class _Bands:
 
     n: int  # intensity bands
     edges: bool
-    cell: np.ndarray  # [N] intensity cell of each voxel (0 .. max(n - 2, 0))
-    weight: np.ndarray  # [N, slots] membership in each slot's band
+    cell: np.ndarray  # [*shape] (or [N] once picked) intensity cell of each voxel (0 .. max(n - 2, 0))
+    weight: np.ndarray  # [*shape, slots] (or [N, slots]) membership in each slot's band
 
     @property
     def count(self) -> int:
@@ -194,7 +194,7 @@ def _bands(f: np.ndarray, n: int, edges: bool, sigma: float) -> _Bands:
         g = gaussian_gradient_magnitude(f, LET_BAND_SMOOTHING, mode="nearest").astype(np.float64) / sigma
         e = g**2 / (g**2 + LET_EDGE**2)
         w = [v * (1.0 - e) for v in w] + [v * e for v in w]
-    return _Bands(n, edges, k, np.stack([v.ravel() for v in w], axis=1).reshape(*f.shape, len(w)))
+    return _Bands(n, edges, k, np.stack(w, axis=-1))
 
 
 def _cells(c: np.ndarray, m: _Bands, nc: int):
